@@ -1,0 +1,52 @@
+# clims-pl: every target creates the virtual environment first, so a fresh clone needs nothing else.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+VOC_ROOT ?= data/VOCdevkit/VOC2012
+RUN_DIR ?= runs/demo
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test lint format demo bench reproduce ablation clean
+
+help: ## list the targets
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: VOC_ROOT=$(VOC_ROOT) RUN_DIR=$(RUN_DIR) ARGS='extra hydra overrides'"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: these wheels are the ones that import together on the project's machines.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install clims-pl with dev extras
+
+test: $(STAMP) ## run the test suite (CPU, tiny configs)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## ruff check + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+demo: $(STAMP) ## end-to-end pipeline on the embedded offline toy world
+	$(BIN)/clims-demo run_dir=$(RUN_DIR) $(ARGS)
+
+bench: $(STAMP) ## speed/memory benchmarks, JSON lines on stdout
+	@for b in benchmarks/bench_*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
+
+reproduce: $(STAMP) ## the paper table on PASCAL VOC 2012 (VOC_ROOT=...)
+	$(BIN)/clims-reproduce experiment=paper_voc data.root=$(VOC_ROOT) $(ARGS)
+
+ablation: $(STAMP) ## loss on/off and weight sweeps on VOC (VOC_ROOT=...)
+	$(BIN)/clims-reproduce -m experiment=ablation_losses data.root=$(VOC_ROOT) $(ARGS)
+
+clean: ## remove the venv and generated outputs
+	rm -rf $(VENV) outputs multirun runs .pytest_cache .ruff_cache

@@ -1,0 +1,24 @@
+"""Hydra/OmegaConf glue: where the configs live and the resolvers they use.
+
+Importing this module registers the resolvers, so every entry point and test that composes configs
+imports it first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+#: ``conf/`` at the repository root (src layout, editable install). ``CLIMS_CONF_DIR`` overrides it for
+#: installs that keep the configs elsewhere.
+CONF_DIR = Path(os.environ.get("CLIMS_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+
+
+def _register() -> None:
+    if not OmegaConf.has_resolver("len"):
+        OmegaConf.register_new_resolver("len", lambda x: len(x))
+
+
+_register()
