@@ -1,0 +1,32 @@
+"""Hydra entry points. Each is a thin shell: compose the config, hand it to one stage's ``run(cfg)``.
+
+Every command takes Hydra overrides and ``--help`` (config groups and the composed config), e.g.
+``clims-train experiment=toy_cam trainer.max_steps=20`` or ``clims-infer --help``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from clims_pl.config import CONF_DIR
+
+
+def _entry(config_name: str, target: str) -> Callable[[], None]:
+    """Build a console-script function that runs ``target`` ('module:function') on the composed config."""
+    module_name, func_name = target.split(":")
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def main(cfg: DictConfig) -> None:
+        getattr(importlib.import_module(module_name), func_name)(cfg)
+
+    return main
+
+
+train_main = _entry("train", "clims_pl.train:run")
+infer_main = _entry("infer", "clims_pl.cams:run")
+eval_main = _entry("eval", "clims_pl.evaluate:run")
+viz_main = _entry("viz", "clims_pl.viz:run")

@@ -1,0 +1,140 @@
+"""CAMNet: the ResNet classifier whose per-pixel class scores are the CAMs (reference §2).
+
+The reference ResNet-50 has strides (2, 2, 2, 1): layer4 keeps stride 1 *without* dilation, giving output stride 16.
+timm's ``output_stride=16`` would dilate layer4 instead, which changes the receptive field and the numbers, so we
+build the plain timm ResNet and set layer4's first-block strides to 1 ourselves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+from torch import nn
+
+BNMode = Literal["fixed", "train"]
+
+
+class CAMNet(nn.Module):
+    """ResNet trunk at output stride 16 + a bias-free 1×1 classifier.
+
+    Args:
+        backbone: a timm ResNet name (``resnet50`` reference; ``resnet18`` for toys and tests).
+        num_classes: foreground classes (no background channel).
+        pretrained: ``True`` loads timm's ``<backbone>.<pretrained_tag>`` weights, a path loads a local file,
+            ``False`` keeps random init (tests, or weights that come from a checkpoint anyway).
+        pretrained_tag: timm tag; ``tv_in1k`` = torchvision's original ImageNet weights, the reference init.
+        bn_mode: ``fixed`` — BN always uses its stored statistics (reference FixedBatchNorm, baseline CAM);
+            ``train`` — ordinary BatchNorm, batch statistics in training (CLIMS, quirk Q6).
+        freeze_stem: conv1/bn1 get no gradient (reference freezes the stem in both CAM and CLIMS).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        num_classes: int = 20,
+        pretrained: bool | str = True,
+        pretrained_tag: str = "tv_in1k",
+        bn_mode: BNMode = "fixed",
+        freeze_stem: bool = True,
+    ) -> None:
+        super().__init__()
+        if bn_mode not in ("fixed", "train"):
+            raise ValueError(f"model.net.bn_mode must be 'fixed' or 'train', got {bn_mode!r}")
+        self.bn_mode = bn_mode
+        self.backbone = _create_trunk(backbone, pretrained, pretrained_tag)
+        _set_layer4_stride1(self.backbone)
+        self.classifier = nn.Conv2d(self.backbone.num_features, num_classes, kernel_size=1, bias=False)
+        if freeze_stem:
+            for module in (self.backbone.conv1, self.backbone.bn1):
+                module.requires_grad_(False)
+        self.train()
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.out_channels
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stride-16 trunk features (N, F, ceil(H/16), ceil(W/16))."""
+        return self.backbone.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel class logits (N, C, ceil(H/16), ceil(W/16)): the classifier applied without pooling."""
+        return self.classifier(self.features(x))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Image logits (N, C): global average pooling then the classifier (reference stage A)."""
+        pooled = self.features(x).mean(dim=(2, 3), keepdim=True)
+        return self.classifier(pooled).flatten(1)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Trainable (backbone, classifier) parameters; the classifier gets a 10× learning rate in the reference."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        classifier = [p for p in self.classifier.parameters() if p.requires_grad]
+        return backbone, classifier
+
+    def train(self, mode: bool = True) -> CAMNet:
+        """In ``fixed`` BN mode every BN layer stays in eval mode, so its statistics never change."""
+        super().train(mode)
+        if self.bn_mode == "fixed":
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    @staticmethod
+    def state_dict_from_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The network's state dict from a Lightning checkpoint (keys ``net.*``) or a plain state-dict file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path} (train one with clims-train, or fix the path)")
+        # Lightning checkpoints also hold hyper-parameters (OmegaConf objects), which weights_only refuses.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: not a state dict or Lightning checkpoint")
+        if any(k.startswith("net.") for k in state):
+            state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+        return state
+
+
+def _create_trunk(backbone: str, pretrained: bool | str, tag: str) -> nn.Module:
+    """timm ResNet without head; pretrained weights from the hub (tag) or a local file, with a clear offline error."""
+    if not backbone.startswith(("resnet", "resnext", "wide_resnet")):
+        raise ValueError(f"model.net.backbone={backbone!r}: CAMNet expects a timm ResNet (resnet50, resnet18, ...)")
+    kwargs: dict = {"num_classes": 0, "global_pool": ""}
+    if isinstance(pretrained, str | os.PathLike) and str(pretrained) not in ("", "False", "false"):
+        file = Path(pretrained)
+        if not file.is_file():
+            raise FileNotFoundError(f"model.net.pretrained={file}: no such weights file")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(file)})
+        name = backbone
+    elif pretrained is True:
+        kwargs["pretrained"] = True
+        name = f"{backbone}.{tag}" if tag else backbone
+    else:
+        kwargs["pretrained"] = False
+        name = backbone
+    try:
+        return timm.create_model(name, **kwargs)
+    except (OSError, RuntimeError) as err:  # hub unreachable, not in cache, HF_HUB_OFFLINE ...
+        if not kwargs["pretrained"]:
+            raise
+        raise RuntimeError(
+            f"cannot load pretrained weights for {name!r} ({type(err).__name__}). Offline? Download them where there is "
+            "internet (python -c \"import timm; timm.create_model('" + name + "', pretrained=True)\" fills the HF "
+            "cache; copy HF_HOME here) or pass model.net.pretrained=/path/to/weights.pth"
+        ) from err
+
+
+def _set_layer4_stride1(trunk: nn.Module) -> None:
+    """Make layer4 keep resolution with no dilation (reference strides (2,2,2,1), output stride 16)."""
+    first_block = trunk.layer4[0]
+    for module in first_block.modules():
+        if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
+            module.stride = (1, 1)
+        if isinstance(module, nn.AvgPool2d | nn.MaxPool2d) and module.stride not in (1, (1, 1)):
+            raise ValueError("layer4 with pooled downsampling is not supported (reference uses a strided 1×1 conv)")

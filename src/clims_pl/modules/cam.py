@@ -1,0 +1,60 @@
+"""Baseline CAM classifier (reference stage A, §3): multilabel soft-margin loss on GAP logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MultilabelAveragePrecision
+
+from clims_pl.models.cam_net import CAMNet
+from clims_pl.optim import poly_sgd
+
+
+class CAMModule(L.LightningModule):
+    """Trains ``net`` as an image classifier; its per-pixel logits are the baseline CAMs.
+
+    Args:
+        net: the CAMNet (FixedBN for the reference baseline).
+        optim: ``lr`` (backbone), ``classifier_lr_mult``, ``weight_decay``, ``poly_power``,
+            ``reference_momentum_bug``, ``momentum`` — see :func:`clims_pl.optim.poly_sgd`.
+    """
+
+    def __init__(self, net: CAMNet, optim: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["net"])
+        self.net = net
+        self.val_map = MultilabelAveragePrecision(num_labels=net.num_classes, average="macro")
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net.classify(image)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self.net.classify(batch["image"])
+        loss = F.multilabel_soft_margin_loss(logits, batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self.net.classify(batch["image"])
+        loss = F.multilabel_soft_margin_loss(logits, batch["label"])
+        self.val_map.update(logits, batch["label"].long())
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(logits))
+        self.log("val/mAP", self.val_map, sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.hparams.optim
+        backbone, classifier = self.net.param_groups()
+        return poly_sgd(
+            [
+                {"params": backbone, "lr": cfg["lr"]},
+                {"params": classifier, "lr": cfg["lr"] * cfg["classifier_lr_mult"]},
+            ],
+            weight_decay=cfg["weight_decay"],
+            momentum=cfg["momentum"],
+            reference_momentum_bug=cfg["reference_momentum_bug"],
+            poly_power=cfg["poly_power"],
+            max_steps=int(self.trainer.estimated_stepping_batches),
+        )

@@ -1,0 +1,42 @@
+"""The reference optimiser: SGD with a per-step polynomial learning-rate decay (reference §3.1).
+
+The reference ``PolyOptimizer`` subclasses SGD and passes ``weight_decay`` positionally into SGD's *momentum*
+slot, so every group runs with momentum = 1e-4 (quirk Q1, [FAITHFUL]). ``reference_momentum_bug=True`` reproduces
+that; ``False`` uses the intended ``momentum`` (0.9) and changes the numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def poly_factor(step: int, max_steps: int, power: float) -> float:
+    """lr multiplier before update ``step`` (0-based): (1 − t/T)^power; frozen at its last value once t ≥ T."""
+    step = min(step, max_steps - 1)
+    return (1.0 - step / max_steps) ** power
+
+
+def poly_sgd(
+    param_groups: list[dict[str, Any]],
+    *,
+    weight_decay: float,
+    momentum: float = 0.9,
+    reference_momentum_bug: bool = True,
+    poly_power: float = 0.9,
+    max_steps: int,
+) -> dict[str, Any]:
+    """SGD + per-step poly schedule, as a ``configure_optimizers`` return value.
+
+    Each group carries its own ``lr`` (backbone 1×, classifier 10× in the reference); weight decay is coupled L2 on
+    every group, as in the reference.
+    """
+    if max_steps <= 0:
+        raise ValueError(f"poly schedule needs max_steps > 0, got {max_steps} (is the train dataloader empty?)")
+    groups = [{**g, "weight_decay": g.get("weight_decay", weight_decay)} for g in param_groups if g["params"]]
+    effective_momentum = weight_decay if reference_momentum_bug else momentum
+    optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=effective_momentum)
+    scheduler = LambdaLR(optimizer, lambda t: poly_factor(t, max_steps, poly_power))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
