@@ -73,7 +73,7 @@ def test_state_dict_from_lightning_style_checkpoint(tmp_path, net: CAMNet) -> No
 def test_pretrained_offline_gives_clear_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(RuntimeError, match="cannot load pretrained weights.*model.net.pretrained="):
+    with pytest.raises(RuntimeError, match=r"cannot load pretrained weights.*model\.net\.pretrained="):
         CAMNet("resnet18", num_classes=2, pretrained=True, pretrained_tag="tv_in1k")
     with pytest.raises(FileNotFoundError, match="no such weights file"):
         CAMNet("resnet18", num_classes=2, pretrained=str(tmp_path / "nope.pth"))
