@@ -7,6 +7,7 @@ Every command takes Hydra overrides and ``--help`` (config groups and the compos
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 
 import hydra
@@ -31,3 +32,28 @@ infer_main = _entry("infer", "clims_pl.cams:run")
 eval_main = _entry("eval", "clims_pl.evaluate:run")
 viz_main = _entry("viz", "clims_pl.viz:run")
 toyclip_main = _entry("toyclip", "clims_pl.toyclip:run")
+
+
+def _flags_to_overrides(argv: list[str]) -> list[str]:
+    """``--from STAGE`` / ``--only A,B`` (friendlier than Hydra keys) → ``pipeline.from_stage`` / ``pipeline.only``."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        flag, _, value = arg.partition("=")
+        if flag in ("--from", "--only"):
+            value = value or next(args, "")
+            if not value:
+                raise SystemExit(f"{flag} needs a stage name")
+            key = "pipeline.from_stage" if flag == "--from" else "pipeline.only"
+            out.append(f"{key}={value}" if flag == "--from" else f"{key}=[{value}]")
+        else:
+            out.append(arg)
+    return out
+
+
+_reproduce = _entry("reproduce", "clims_pl.pipeline:run")
+
+
+def reproduce_main() -> None:
+    sys.argv[1:] = _flags_to_overrides(sys.argv[1:])
+    _reproduce()
