@@ -1,0 +1,208 @@
+"""PASCAL VOC 2012 on disk: root validation, splits, image-level labels, images and palette masks (reference §1).
+
+Everything here works on the plain VOC2012 folder layout, so the procedural toy world (``toy.py``), written in
+the same layout, runs through exactly the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from clims_pl.io import atomic_path, atomic_save_npz
+
+#: Channel order everywhere; segmentation label = index + 1, 0 = background (§1.2).
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+
+
+_REQUIRED = ("JPEGImages", "Annotations", "ImageSets/Segmentation", "SegmentationClass")
+_AUG = "SegmentationClassAug"
+
+
+class VOCRootError(ValueError):
+    """A VOC root lacks something; the message is one line naming what is missing and how to get it."""
+
+
+def _voc_palette() -> np.ndarray:
+    """The standard VOC colour map: class k's RGB bits come from the bits of k, spread over 8 levels."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for k in range(256):
+        c, r, g, b = k, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[k] = (r, g, b)
+    return palette
+
+
+#: (256, 3) uint8 VOC colour map; index 255 (ignore) is (224, 224, 192).
+VOC_PALETTE: np.ndarray = _voc_palette()
+
+
+def validate_voc_root(root: str | os.PathLike, *, need_aug: bool = False) -> Path:
+    """Check that ``root`` has the VOC2012 folders (and SBD's SegmentationClassAug when ``need_aug``).
+
+    Raises VOCRootError naming every missing folder at once, so a half-extracted download is diagnosed in
+    one go rather than one folder per run.
+    """
+    root = Path(root).expanduser()
+    get = f"get it with `clims-data download voc --root {root}`"
+    if not root.is_dir():
+        raise VOCRootError(
+            f"VOC root {root} does not exist: {get} (or point data.root at the folder holding JPEGImages/)"
+        )
+    missing = [name for name in _REQUIRED if not (root / name).is_dir()]
+    if need_aug and not (root / _AUG).is_dir():
+        missing.append(_AUG)
+    if missing:
+        what = ", ".join(f"{name}/" for name in missing)
+        hint = " (SegmentationClassAug/ comes from the SBD masks)" if missing == [_AUG] else ""
+        raise VOCRootError(f"VOC root {root} is missing {what}{hint}: {get}")
+    return root
+
+
+def read_split(root: str | os.PathLike, split: str) -> list[str]:
+    """Image ids of a split.
+
+    ``train``/``val``/``test`` (or any other ``ImageSets/Segmentation/<split>.txt``) are read as listed.
+    ``train_aug`` is derived, not shipped: (ids having ``SegmentationClassAug/<id>.png`` ∪ train) − val, sorted;
+    on VOC2012 + SBD this gives the reference's 10,582 ids (§1.1).
+    """
+    root = validate_voc_root(root, need_aug=split == "train_aug")
+    if split == "train_aug":
+        aug = {p.stem for p in (root / _AUG).glob("*.png")}
+        val = set(read_split(root, "val"))
+        return sorted((aug | set(read_split(root, "train"))) - val)
+    path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not path.is_file():
+        have = [*sorted(p.stem for p in path.parent.glob("*.txt")), "train_aug"]
+        raise VOCRootError(f"split list {path} not found: use one of {', '.join(have)}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _labels_cache_key(root: Path, ids: Sequence[str], classes: Sequence[str]) -> str:
+    """Hash of everything the labels depend on; Annotations/'s inode+mtime catch a regenerated dataset."""
+    ann = (root / "Annotations").stat()
+    key = json.dumps(
+        {
+            "root": str(root.resolve()),
+            "annotations": [ann.st_ino, ann.st_mtime_ns],
+            "classes": list(classes),
+            "ids": list(ids),
+        }
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def parse_labels(xml_path: Path, classes: Sequence[str]) -> np.ndarray:
+    """Multi-hot (C,) float32 from one Annotations XML.
+
+    Every ``<name>`` element whose text is a class name counts, whatever its difficult/truncated flags, as in
+    the reference's make_cls_labels (§1.2); other names (object parts, classes outside ``classes``) are ignored.
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    label = np.zeros(len(classes), dtype=np.float32)
+    for node in ET.parse(xml_path).getroot().iter("name"):
+        i = index.get((node.text or "").strip())
+        if i is not None:
+            label[i] = 1.0
+    return label
+
+
+def image_labels(
+    root: str | os.PathLike,
+    ids: Sequence[str],
+    classes: Sequence[str],
+    cache_dir: str | os.PathLike | None,
+) -> np.ndarray:
+    """(len(ids), C) float32 multi-hot labels from ``Annotations/<id>.xml``, cached in ``cache_dir``.
+
+    The cache never lives inside the dataset root (which may be read-only or shared) and its name hashes the
+    root, its Annotations folder, the class list and the id list, so any change recomputes. ``cache_dir=None``
+    disables caching.
+    """
+    root = validate_voc_root(root)
+    ids, classes = list(ids), list(classes)
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"labels-{_labels_cache_key(root, ids, classes)}.npz"
+        if cache.is_file():
+            try:
+                with np.load(cache) as data:
+                    labels = data["labels"]
+                if labels.shape == (len(ids), len(classes)):
+                    return labels
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable cache: rebuild it below
+    labels = np.zeros((len(ids), len(classes)), dtype=np.float32)
+    for row, image_id in enumerate(ids):
+        xml_path = root / "Annotations" / f"{image_id}.xml"
+        if not xml_path.is_file():
+            raise VOCRootError(
+                f"{xml_path} not found: the split lists an id the dataset lacks; "
+                f"re-extract with `clims-data download voc --root {root}`"
+            )
+        labels[row] = parse_labels(xml_path, classes)
+    if cache is not None:
+        atomic_save_npz(cache, labels=labels)
+    return labels
+
+
+def load_image(root: str | os.PathLike, image_id: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of ``JPEGImages/<id>.jpg``."""
+    with Image.open(Path(root) / "JPEGImages" / f"{image_id}.jpg") as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def load_mask(root: str | os.PathLike, image_id: str, aug: bool = False) -> np.ndarray:
+    """(H, W) uint8 class indices (0 background, 1..C objects, 255 ignore).
+
+    ``aug=False`` reads VOC's ``SegmentationClass`` (palette PNGs with 255 boundaries), ``aug=True`` SBD's
+    ``SegmentationClassAug`` (grey-level PNGs); both decode to indices.
+    """
+    folder = _AUG if aug else "SegmentationClass"
+    with Image.open(Path(root) / folder / f"{image_id}.png") as img:
+        if img.mode not in ("P", "L"):
+            raise VOCRootError(f"{img.filename} is mode {img.mode}: expected a palette or grey-level index PNG")
+        return np.asarray(img, dtype=np.uint8).copy()
+
+
+def save_label_png(path: str | os.PathLike, label: np.ndarray) -> None:
+    """Write (H, W) uint8 indices as a VOC palette PNG, atomically (readers never see a partial file)."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"{path}: label must be (H, W), got shape {label.shape}")
+    img = Image.fromarray(label.astype(np.uint8))
+    img.putpalette(VOC_PALETTE.reshape(-1).tolist())  # turns the grey image into a palette one
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

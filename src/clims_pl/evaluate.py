@@ -1,0 +1,224 @@
+"""CAM and label-map evaluation (reference stages D and H, §6 and §10) as the ``clims-eval`` stage.
+
+* ``evaluate_cams``: every CAM file of the evaluation split is read once; one per-pixel histogram per image gives
+  the confusion matrix of every threshold of the sweep (``metrics.sweep_histogram``). Reports the reference
+  threshold (0.15), the best one, per-class IoU (prompt-bank text names, as eval_cam prints them), foreground
+  precision/recall and among_predfg_bg.
+* ``evaluate_label_dir``: label PNGs (IR labels, pseudo labels) as eval_sem_seg: 255 → background, same confusion.
+
+Both compare against VOC ``SegmentationClass`` of the split (255 ignored) and return a JSON-ready dict; ``run``
+writes it to ``<run_dir>/metrics/<name>.json`` + ``.md`` and logs the scalars to the configured loggers.
+Per-image predictions at a threshold: ``clims_pl.metrics.cam_prediction(high_res, keys, threshold)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm import tqdm
+
+from clims_pl.cams import load_cam
+from clims_pl.io import atomic_write_json, atomic_write_text
+from clims_pl.metrics import (
+    miou_from_confusion,
+    pair_confusion,
+    summarise_confusion,
+    sweep_confusions,
+    sweep_histogram,
+)
+
+log = logging.getLogger(__name__)
+
+
+def sweep_thresholds(start: float, stop: float, step: float, include: Sequence[float] = ()) -> np.ndarray:
+    """Sorted thresholds start, start+step, ..., stop (inclusive, rounded to 1e-6) plus ``include``."""
+    if step <= 0 or stop < start:
+        raise ValueError(f"eval.sweep: need step > 0 and stop >= start, got {start}..{stop} step {step}")
+    count = math.floor((stop - start) / step + 1e-6) + 1
+    grid = np.round(start + step * np.arange(count), 6)
+    return np.unique(np.concatenate([grid, np.asarray(include, dtype=np.float64)]))
+
+
+def display_names(classes: Sequence[str], prompts: str | os.PathLike | None = None) -> list[str]:
+    """``background`` + the class names as the prompt bank words them (eval_cam prints these), else as given."""
+    if prompts is None:
+        return ["background", *classes]
+    from clims_pl.prompts.bank import load_prompt_bank
+
+    bank = load_prompt_bank(prompts, classes)
+    return ["background", *(bank.text_name(c) for c in classes)]
+
+
+def _ground_truth(gt_root: str | os.PathLike, image_id: str) -> np.ndarray:
+    from clims_pl.data.voc import load_mask
+
+    try:
+        return load_mask(gt_root, image_id)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{Path(gt_root) / 'SegmentationClass' / (image_id + '.png')}: no ground truth for {image_id}; "
+            "evaluate a split with SegmentationClass masks (eval.split=train or val)"
+        ) from err
+
+
+def evaluate_cams(
+    cam_dir: str | os.PathLike,
+    gt_root: str | os.PathLike,
+    ids: Sequence[str],
+    thresholds: Sequence[float],
+    threshold: float = 0.15,
+    names: Sequence[str] | None = None,
+    num_classes: int = 21,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """mIoU of the CAMs in ``cam_dir`` over ``ids`` for every threshold (one pass, each file read once).
+
+    Returns the summary at ``threshold`` (``miou``, ``iou``, ``fg_precision``, ``fg_recall``,
+    ``among_predfg_bg``, ...) plus ``best_threshold``, ``best_miou`` and ``sweep`` {threshold: [...], miou: [...]}.
+    """
+    if not ids:
+        raise ValueError(f"no ids to evaluate in {cam_dir}")
+    names = list(names) if names is not None else [str(c) for c in range(num_classes)]
+    num_classes = len(names)
+    grid = np.unique(np.concatenate([np.asarray(thresholds, dtype=np.float64), [threshold]]))
+    histogram = np.zeros((len(grid) + 1, num_classes, num_classes), dtype=np.int64)
+    for image_id in tqdm(ids, desc="eval cams", disable=not progress):
+        cams = load_cam(Path(cam_dir) / f"{image_id}.npz")
+        gt = _ground_truth(gt_root, image_id)
+        try:
+            histogram += sweep_histogram(cams["high_res"], cams["keys"], gt, grid, num_classes)
+        except ValueError as err:
+            raise ValueError(f"{image_id}: {err}") from err
+    confusions = sweep_confusions(histogram)
+    sweep = [miou_from_confusion(conf)[0] for conf in confusions]
+    at = int(np.flatnonzero(grid == threshold)[0])
+    best = int(np.nanargmax(sweep)) if np.isfinite(sweep).any() else at
+    return {
+        "kind": "cams",
+        "num_images": len(ids),
+        "class_names": names,
+        "threshold": float(threshold),
+        **summarise_confusion(confusions[at], names),
+        "best_threshold": float(grid[best]),
+        "best_miou": None if math.isnan(sweep[best]) else sweep[best],
+        "sweep": {"threshold": grid.tolist(), "miou": [None if math.isnan(v) else v for v in sweep]},
+        "confusion": confusions[at].tolist(),
+    }
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) uint8 indices of a palette or grey-level label PNG, with a clear error when missing or RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: label PNG missing; run the stage that writes this folder first")
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L"):
+            raise ValueError(f"{path} is mode {img.mode}: expected a palette or grey-level index PNG")
+        return np.asarray(img, dtype=np.uint8)
+
+
+def evaluate_label_dir(
+    label_dir: str | os.PathLike,
+    gt_root: str | os.PathLike,
+    ids: Sequence[str],
+    names: Sequence[str] | None = None,
+    num_classes: int = 21,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """mIoU of ``<label_dir>/<id>.png`` as eval_sem_seg (§10): predicted 255 counts as background."""
+    names = list(names) if names is not None else [str(c) for c in range(num_classes)]
+    num_classes = len(names)
+    conf = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for image_id in tqdm(ids, desc=f"eval {Path(label_dir).name}", disable=not progress):
+        pred = read_label_png(Path(label_dir) / f"{image_id}.png").copy()
+        pred[pred == 255] = 0
+        try:
+            conf += pair_confusion(pred, _ground_truth(gt_root, image_id), num_classes)
+        except ValueError as err:
+            raise ValueError(f"{Path(label_dir) / image_id}.png: {err}") from err
+    return {
+        "kind": "labels",
+        "num_images": len(ids),
+        "class_names": names,
+        **summarise_confusion(conf, names),
+        "confusion": conf.tolist(),
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def metrics_markdown(result: dict[str, Any], title: str) -> str:
+    """A markdown report: headline numbers, then per-class IoU (%)."""
+    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    if result["kind"] == "cams":
+        lines += [
+            f"| mIoU @ {result['threshold']:.2f} | {_pct(result['miou'])} |",
+            f"| best mIoU (threshold {result['best_threshold']:.2f}) | {_pct(result['best_miou'])} |",
+        ]
+    else:
+        lines.append(f"| mIoU | {_pct(result['miou'])} |")
+    lines += [
+        f"| fg precision | {_pct(result['fg_precision'])} |",
+        f"| fg recall | {_pct(result['fg_recall'])} |",
+        f"| among_predfg_bg | {_pct(result['among_predfg_bg'])} |",
+        f"| images | {result['num_images']} |",
+        "",
+        "| class | IoU |",
+        "|---|---|",
+        *(f"| {name} | {_pct(iou)} |" for name, iou in result["iou"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def log_scalars(loggers: Sequence[Any], result: dict[str, Any], prefix: str) -> None:
+    """Headline numbers and per-class IoU to every Lightning logger (one step, 0)."""
+    keys = ("miou", "best_miou", "best_threshold", "fg_precision", "fg_recall", "among_predfg_bg")
+    scalars = {f"{prefix}/{k}": result[k] for k in keys if result.get(k) is not None}
+    scalars.update({f"{prefix}/iou/{name}": v for name, v in result["iou"].items() if v is not None})
+    for logger in loggers:
+        logger.log_metrics(scalars, step=0)
+        logger.save()
+        logger.finalize("success")
+
+
+def instantiate_loggers(cfg: DictConfig) -> list[Any]:
+    """The loggers of ``cfg.logger`` (a mapping name → logger config); none when absent."""
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """``clims-eval``: CAMs of ``eval.cam_dir`` (or label PNGs of ``eval.labels``) against ``eval.split``."""
+    from clims_pl.data.voc import read_split
+
+    names = display_names(cfg.data.classes, cfg.data.get("prompts"))
+    ids = read_split(cfg.data.root, cfg.eval.split)
+    if cfg.eval.labels:
+        label_dir = Path(cfg.eval.labels)
+        name = label_dir.name
+        result = evaluate_label_dir(label_dir, cfg.data.root, ids, names, progress=True)
+    else:
+        name = "cams"
+        cam_dir = Path(cfg.eval.cam_dir)
+        if not cam_dir.is_dir():
+            raise FileNotFoundError(f"eval.cam_dir={cam_dir} does not exist: pass run_dir=<a clims-infer run dir>")
+        sweep = cfg.eval.sweep
+        grid = sweep_thresholds(sweep.start, sweep.stop, sweep.step)
+        result = evaluate_cams(cam_dir, cfg.data.root, ids, grid, cfg.eval.threshold, names, progress=True)
+    result.update(split=cfg.eval.split, gt_root=str(cfg.data.root), source=str(cfg.eval.labels or cfg.eval.cam_dir))
+    out_dir = Path(cfg.eval.out_dir)
+    atomic_write_json(out_dir / f"{name}.json", result)
+    atomic_write_text(out_dir / f"{name}.md", metrics_markdown(result, f"{name} on {cfg.eval.split}"))
+    log_scalars(instantiate_loggers(cfg), result, name)
+    log.info("%s mIoU %s (written to %s)", name, _pct(result["miou"]), out_dir)
+    return result

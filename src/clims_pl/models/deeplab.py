@@ -1,0 +1,110 @@
+"""DeepLab-v2 with multi-scale inputs (reference §11.3, ``DeepLabV2_ResNet101_MSC``).
+
+Backbone: the timm ResNet trunk of :class:`~clims_pl.models.cam_net.CAMNet`, made output-stride 8 by removing
+the strides of layer3/layer4 and dilating *every* 3×3 conv of those layers by 2 and 4 (the reference dilates all
+blocks of a layer, timm's ``output_stride=8`` leaves the first block undilated), with the stem max-pool in
+``ceil_mode`` so a 321 crop gives 41/21/31 logit maps at scales 1/0.5/0.75 like the reference. Differences
+from the Caffe/MSRA ResNet-101 of the reference: torchvision-style bottlenecks (stride on the 3×3, not the 1×1)
+and torchvision ImageNet weights (``resnet101.tv_in1k``) instead of the converted Caffe model.
+All BN layers are frozen: eval mode and γ/β not trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clims_pl.models.cam_net import _create_trunk
+
+
+class ASPP(nn.Module):
+    """DeepLab-v2 ASPP: parallel 3×3 convs with dilation = padding = rate, outputs summed; N(0, 0.01), bias 0."""
+
+    def __init__(self, in_channels: int, out_channels: int, rates: Sequence[int] = (6, 12, 18, 24)) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels, out_channels, 3, padding=r, dilation=r, bias=True) for r in rates
+        )
+        for conv in self.convs:
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(conv(x) for conv in self.convs)
+
+
+def _dilate(layer: nn.Module, dilation: int) -> None:
+    """Stride 1 everywhere in ``layer`` and dilation = padding = ``dilation`` on each of its 3×3 convs."""
+    for module in layer.modules():
+        if isinstance(module, nn.Conv2d):
+            module.stride = (1, 1)
+            if module.kernel_size == (3, 3):
+                module.dilation = (dilation, dilation)
+                module.padding = (dilation, dilation)
+
+
+class DeepLabV2(nn.Module):
+    """ResNet (OS 8) + ASPP with MSC: training returns [full, 0.5, 0.75, max] logits, eval only the max.
+
+    Args:
+        backbone: timm ResNet (``resnet101`` reference, ``resnet18`` for toys).
+        num_classes: foreground classes; the head predicts ``num_classes + 1`` (background first).
+        pretrained / pretrained_tag: as :class:`CAMNet` (``tv_in1k`` = torchvision ImageNet weights).
+        atrous_rates: ASPP dilations (6, 12, 18, 24).
+        msc_scales: extra input scales of the multi-scale wrapper (0.5, 0.75).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet101",
+        num_classes: int = 20,
+        pretrained: bool | str = True,
+        pretrained_tag: str = "tv_in1k",
+        atrous_rates: Sequence[int] = (6, 12, 18, 24),
+        msc_scales: Sequence[float] = (0.5, 0.75),
+    ) -> None:
+        super().__init__()
+        self.backbone = _create_trunk(backbone, pretrained, pretrained_tag)
+        self.backbone.maxpool.ceil_mode = True
+        _dilate(self.backbone.layer3, 2)
+        _dilate(self.backbone.layer4, 4)
+        for module in self.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.requires_grad_(False)
+        self.aspp = ASPP(self.backbone.num_features, num_classes + 1, atrous_rates)
+        self.msc_scales = tuple(msc_scales)
+        self.train()
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """Single-scale logits at output stride 8."""
+        return self.aspp(self.backbone.forward_features(x))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        """MSC: logits of x and of x rescaled by each of ``msc_scales`` (bilinear, floor sizes); the max is
+        taken after upsampling the smaller maps to the full one."""
+        logits = self.base(x)
+        pyramid = [
+            self.base(F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)) for s in self.msc_scales
+        ]
+        size = logits.shape[-2:]
+        upsampled = [F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in pyramid]
+        logits_max = torch.stack([logits, *upsampled]).amax(dim=0)
+        if self.training:
+            return [logits, *pyramid, logits_max]
+        return logits_max
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone conv weights, ASPP weights, ASPP biases): reference lr ×1 / ×10 / ×20 (Caffe lr_mult)."""
+        backbone = [m.weight for m in self.backbone.modules() if isinstance(m, nn.Conv2d)]
+        return backbone, [c.weight for c in self.aspp.convs], [c.bias for c in self.aspp.convs]
+
+    def train(self, mode: bool = True) -> DeepLabV2:
+        """BN layers stay in eval mode (frozen running statistics) for the whole run (reference ``freeze_bn``)."""
+        super().train(mode)
+        for module in self.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self

@@ -1,0 +1,151 @@
+"""DeepLab-v2 training on pseudo labels (reference stage I, §11.4) and its validation metric (§11.5).
+
+Loss: class-balanced cross-entropy (``main_v2``) summed over the four MSC outputs, labels resized to each output
+with nearest sampling of pixel centres (= PIL NEAREST). Optimiser: SGD momentum 0.9, wd 5e-4, lr ×1 backbone
+conv weights / ×10 ASPP weights / ×20 ASPP biases (wd 0), poly decay updated every 10 iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from clims_pl.models.deeplab import DeepLabV2
+
+
+def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """(mean CE over background pixels + mean CE over foreground pixels) / 2 (reference ``criterion_balance``).
+
+    Q21 guard, always on: each mean divides by max(count, 1), so a batch without foreground (or background)
+    pixels contributes 0 for that half instead of the reference's 0/0 = NaN. With both sets non-empty the value
+    is exactly the reference's.
+    """
+    ce = F.cross_entropy(logits, labels, reduction="none", ignore_index=ignore_index)
+    background = labels == 0
+    foreground = (labels != 0) & (labels != ignore_index)
+    loss_bg = (ce * background).sum() / background.sum().clamp_min(1)
+    loss_fg = (ce * foreground).sum() / foreground.sum().clamp_min(1)
+    return (loss_bg + loss_fg) / 2
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) integer labels → (B, h, w) by nearest pixel-centre sampling, identical to PIL NEAREST.
+
+    The reference passes (H, W) where PIL expects (W, H) (Q26); that is harmless for its square crops and
+    we pass the size the right way round.
+    """
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    resized = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")
+    return resized[:, 0].long()
+
+
+def deeplab_scores(conf: np.ndarray) -> dict[str, Any]:
+    """The reference ``scores()`` from a (C, C) confusion (rows = ground truth).
+
+    mIoU is the nanmean of IoU over the classes **present in the ground truth** (§11.5), unlike the chainercv
+    mIoU of the CAM / pseudo-label evaluation.
+    """
+    hist = np.asarray(conf, dtype=np.float64)
+    diag, gt_sum, pred_sum = np.diag(hist), hist.sum(axis=1), hist.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = diag / (gt_sum + pred_sum - diag)
+        acc_cls = diag / gt_sum
+    present = gt_sum > 0
+    freq = gt_sum / max(hist.sum(), 1)
+
+    def clean(x: float) -> float | None:
+        return None if math.isnan(x) else float(x)
+
+    return {
+        "pixel_accuracy": clean(diag.sum() / hist.sum()) if hist.sum() else None,
+        "mean_accuracy": clean(np.nanmean(acc_cls)) if np.isfinite(acc_cls).any() else None,
+        "fw_iou": float((freq[freq > 0] * iou[freq > 0]).sum()),
+        "miou": clean(np.nanmean(iou[present])) if present.any() else None,
+        "class_iou": [clean(v) for v in iou],
+    }
+
+
+def poly_step_factor(step: int, max_steps: int, power: float, every: int) -> float:
+    """lr multiplier of optimiser step ``step`` (0-based): (1 − k/T)^power with k = step rounded down to a
+    multiple of ``every`` (reference PolynomialLR stepped after each iteration, updating every 10)."""
+    k = min(step // every * every, max_steps)
+    return (1.0 - k / max_steps) ** power
+
+
+class SegModule(L.LightningModule):
+    """Trains DeepLab-v2 MSC on label PNGs; validates with single-pass MSC-max logits (no CRF) → ``val/miou``.
+
+    Args:
+        net: the DeepLabV2 network.
+        optim: ``lr`` (2.5e-4), ``momentum`` (0.9), ``weight_decay`` (5e-4), ``poly_power`` (0.9), ``lr_step``
+            (10: lr updated every 10 steps), ``aspp_weight_lr_mult`` (10), ``aspp_bias_lr_mult`` (20).
+        loss: ``balanced`` (reference ImageNet-init ``main_v2``) or ``ce`` (plain CE, ``main.py``).
+        ignore_index: label value excluded from loss and metrics.
+    """
+
+    def __init__(
+        self,
+        net: DeepLabV2,
+        optim: dict[str, Any],
+        loss: Literal["balanced", "ce"] = "balanced",
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        if loss not in ("balanced", "ce"):
+            raise ValueError(f"model.loss must be 'balanced' or 'ce', got {loss!r}")
+        self.save_hyperparameters(logger=False, ignore=["net"])
+        self.net = net
+        num_outputs = net.aspp.convs[0].out_channels
+        self.val_confusion = MulticlassConfusionMatrix(num_outputs, ignore_index=ignore_index)
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        return self.net(image)
+
+    def criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.hparams.loss == "balanced":
+            return balanced_cross_entropy(logits, labels, self.hparams.ignore_index)
+        return F.cross_entropy(logits, labels, ignore_index=self.hparams.ignore_index)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        outputs = self.net(batch["image"])
+        losses = [self.criterion(out, resize_labels(batch["label"], out.shape[-2:])) for out in outputs]
+        loss = torch.stack(losses).sum()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        labels = batch["label"]
+        logits = F.interpolate(self.net(batch["image"]), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        self.val_confusion.update(logits.argmax(dim=1), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = deeplab_scores(self.val_confusion.compute().cpu().numpy())
+        self.val_confusion.reset()
+        if scores["miou"] is not None:
+            self.log("val/miou", scores["miou"], prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.hparams.optim
+        backbone, aspp_weights, aspp_biases = self.net.param_groups()
+        lr, wd = cfg["lr"], cfg["weight_decay"]
+        optimizer = torch.optim.SGD(
+            [
+                {"params": backbone, "lr": lr, "weight_decay": wd},
+                {"params": aspp_weights, "lr": lr * cfg["aspp_weight_lr_mult"], "weight_decay": wd},
+                {"params": aspp_biases, "lr": lr * cfg["aspp_bias_lr_mult"], "weight_decay": 0.0},
+            ],
+            lr=lr,
+            momentum=cfg["momentum"],
+        )
+        max_steps = int(self.trainer.estimated_stepping_batches)
+        power, every = cfg["poly_power"], cfg["lr_step"]
+        scheduler = LambdaLR(optimizer, lambda t: poly_step_factor(t, max_steps, power, every))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

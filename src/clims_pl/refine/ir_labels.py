@@ -1,0 +1,119 @@
+"""Stage E, IR labels (reference §7): confident seeds for IRN from CAMs + dense CRF.
+
+Two CRF-refined argmax maps per image: a strict one (background plane 0.30) gives the foreground classes, a
+lenient one (background plane 0.10) gives the background; every pixel neither map is sure about is 255.
+CPU-bound (two CRFs per image), so images are spread over ``num_workers`` processes. The stage is resumable:
+an existing PNG (written atomically) means that image is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from clims_pl.data.voc import load_image, read_split, save_label_png
+from clims_pl.refine.crf import crf_inference_label
+
+log = logging.getLogger("clims_pl")
+
+
+def load_cams(cam_dir: str | os.PathLike, image_id: str) -> dict[str, np.ndarray]:
+    """``keys`` (K,), ``cam`` (K, h, w) and ``high_res`` (K, H, W) of one image from ``<cam_dir>/<id>.npz``."""
+    path = Path(cam_dir) / f"{image_id}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run CAM inference (clims-infer) for this split first")
+    with np.load(path) as data:
+        return {name: data[name] for name in ("keys", "cam", "high_res")}
+
+
+def class_lookup(keys: np.ndarray) -> np.ndarray:
+    """[0, keys + 1]: maps compact plane indices (0 = background) to dataset labels 0..C."""
+    return np.concatenate([[0], np.asarray(keys, dtype=np.int64) + 1])
+
+
+def confident_map(
+    image: np.ndarray, high_res: np.ndarray, keys: np.ndarray, bg_threshold: float, crf: dict[str, Any]
+) -> np.ndarray:
+    """Argmax over [constant background plane, CAMs], refined by the dense CRF, as dataset labels 0..C."""
+    planes = np.concatenate([np.full((1, *high_res.shape[1:]), bg_threshold, high_res.dtype), high_res])
+    compact = crf_inference_label(image, planes.argmax(axis=0), n_labels=len(planes), **crf)
+    return class_lookup(keys)[compact]
+
+
+def combine_ir_label(fg_conf: np.ndarray, bg_conf: np.ndarray) -> np.ndarray:
+    """Reference combination: fg classes from the strict map; 0 only where both maps say background; else 255."""
+    label = fg_conf.astype(np.uint8)
+    label[fg_conf == 0] = 255
+    label[(fg_conf == 0) & (bg_conf == 0)] = 0
+    return label
+
+
+def ir_label(
+    image: np.ndarray,
+    high_res: np.ndarray,
+    keys: np.ndarray,
+    fg_threshold: float = 0.30,
+    bg_threshold: float = 0.10,
+    crf: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """(H, W) uint8 IR label with values in {0..C, 255}.
+
+    An image without classes (K = 0, never on VOC) is all background, as the reference's COCO branch does.
+    """
+    if image.shape[:2] != high_res.shape[1:]:
+        raise ValueError(f"image {image.shape[:2]} and high_res {high_res.shape[1:]} sizes differ")
+    if len(keys) == 0:
+        return np.zeros(image.shape[:2], dtype=np.uint8)
+    crf = crf or {}
+    fg_conf = confident_map(image, high_res, keys, fg_threshold, crf)
+    bg_conf = confident_map(image, high_res, keys, bg_threshold, crf)
+    return combine_ir_label(fg_conf, bg_conf)
+
+
+def _make_one(image_id: str, root: str, cam_dir: str, out_dir: str, params: dict[str, Any]) -> str:
+    """Worker: build and atomically write one IR label PNG."""
+    cams = load_cams(cam_dir, image_id)
+    label = ir_label(load_image(root, image_id), cams["high_res"], cams["keys"], **params)
+    save_label_png(Path(out_dir) / f"{image_id}.png", label)
+    return image_id
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Write ``<ir_labels.out_dir>/<id>.png`` for every id of ``ir_labels.split``; skip those already written.
+
+    Reads ``data.root`` (images) and the ``ir_labels`` section: split, cam_dir, out_dir, fg_threshold,
+    bg_threshold, num_workers, crf (pydensecrf parameters).
+    """
+    stage = cfg.ir_labels
+    root, out_dir = str(cfg.data.root), Path(stage.out_dir)
+    ids = read_split(root, stage.split)
+    todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
+    params = {
+        "fg_threshold": float(stage.fg_threshold),
+        "bg_threshold": float(stage.bg_threshold),
+        "crf": OmegaConf.to_container(stage.crf, resolve=True),
+    }
+    log.info("ir_labels: %d of %d images to do -> %s", len(todo), len(ids), out_dir)
+    start = time.time()
+    work = partial(_make_one, root=root, cam_dir=str(stage.cam_dir), out_dir=str(out_dir), params=params)
+    num_workers = min(int(stage.num_workers), len(todo))
+    progress = tqdm(total=len(todo), desc="ir_labels", unit="img", dynamic_ncols=True)
+    if num_workers <= 1:
+        for image_id in todo:
+            work(image_id)
+            progress.update()
+    else:
+        with multiprocessing.get_context().Pool(num_workers) as pool:
+            for _ in pool.imap_unordered(work, todo, chunksize=4):
+                progress.update()
+    progress.close()
+    return {"total": len(ids), "written": len(todo), "skipped": len(ids) - len(todo), "wall_s": time.time() - start}

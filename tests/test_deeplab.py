@@ -1,0 +1,184 @@
+"""DeepLab-v2 (reference §11): balanced CE (Q21), OS-8 MSC outputs, schedule, scores, val/test evaluation."""
+
+from __future__ import annotations
+
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cam_fixtures import write_voc_root
+from PIL import Image
+
+from clims_pl.data.voc import VOC_PALETTE, save_label_png
+from clims_pl.models.deeplab import DeepLabV2
+from clims_pl.modules.seg import balanced_cross_entropy, deeplab_scores, poly_step_factor, resize_labels
+from clims_pl.refine import seg_eval
+from clims_pl.refine.seg_eval import crf_image, evaluate_val, export_test
+from clims_pl.train import run as train_run
+
+
+def test_balanced_ce_by_hand() -> None:
+    # pixels: background with logits (0, 0) -> CE ln 2; class 1 with logits (0, ln 3) -> p = 3/4; one ignored
+    logits = torch.tensor([[0.0, 0.0, 5.0], [0.0, math.log(3.0), -5.0]]).view(1, 2, 1, 3)
+    labels = torch.tensor([[[0, 1, 255]]])
+    expected = (math.log(2.0) - math.log(0.75)) / 2
+    assert balanced_cross_entropy(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_balanced_ce_finite_without_foreground() -> None:
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    labels[0, 0] = 255
+    loss = balanced_cross_entropy(logits, labels)
+    assert math.isfinite(loss.item())  # the reference divides 0 by 0 here (Q21)
+    plain = F.cross_entropy(logits, labels, ignore_index=255)
+    assert loss.item() == pytest.approx(plain.item() / 2, rel=1e-6)  # the empty foreground half counts 0
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert balanced_cross_entropy(logits, torch.full((2, 4, 4), 255)).item() == 0.0
+
+
+def test_balanced_ce_equals_reference_when_both_sets_present() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 5)
+    labels = torch.randint(0, 4, (2, 5, 5))
+    labels[0, 0, :2] = 255
+    ce = F.cross_entropy(logits, labels, reduction="none", ignore_index=255)
+    bg, fg = labels == 0, (labels != 0) & (labels != 255)
+    reference = ((ce * bg).sum() / bg.sum() + (ce * fg).sum() / fg.sum()) / 2
+    assert balanced_cross_entropy(logits, labels).item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_msc_outputs_output_stride_8() -> None:
+    torch.manual_seed(0)
+    net = DeepLabV2("resnet18", num_classes=4, pretrained=False)
+    outs = net(torch.randn(1, 3, 321, 321))
+    assert [tuple(o.shape) for o in outs] == [(1, 5, 41, 41), (1, 5, 21, 21), (1, 5, 31, 31), (1, 5, 41, 41)]
+    assert torch.equal(outs[3], torch.maximum(outs[0], outs[3]))  # the max dominates the full-scale map
+    net.eval()
+    out = net(torch.randn(1, 3, 100, 140))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 5, 13, 18)
+    net.train()
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training and not m.weight.requires_grad for m in bns)
+    backbone, weights, biases = net.param_groups()
+    assert len(weights) == len(biases) == 4
+    assert all(torch.count_nonzero(b) == 0 for b in biases)
+    assert 0.005 < float(torch.cat([w.flatten() for w in weights]).std()) < 0.015  # N(0, 0.01)
+    assert len(backbone) == sum(isinstance(m, torch.nn.Conv2d) for m in net.backbone.modules())
+
+
+def test_resize_labels_is_pil_nearest() -> None:
+    labels = torch.randint(0, 21, (2, 321, 321))
+    for size in [(41, 41), (21, 21), (31, 31)]:
+        ours = resize_labels(labels, size)
+        for i in range(2):
+            pil = Image.fromarray(labels[i].numpy().astype(np.uint8)).resize(size[::-1], Image.Resampling.NEAREST)
+            assert np.array_equal(ours[i].numpy(), np.asarray(pil))
+
+
+def test_poly_lr_updates_every_10_steps() -> None:
+    assert [poly_step_factor(t, 30000, 0.9, 10) for t in range(10)] == [1.0] * 10
+    assert poly_step_factor(10, 30000, 0.9, 10) == pytest.approx((1 - 10 / 30000) ** 0.9)
+    assert poly_step_factor(19, 30000, 0.9, 10) == poly_step_factor(10, 30000, 0.9, 10)
+    assert poly_step_factor(29995, 30000, 0.9, 10) == pytest.approx((1 - 29990 / 30000) ** 0.9)
+
+
+def test_scores_average_classes_present_in_ground_truth() -> None:
+    conf = np.array([[5, 1, 0], [1, 3, 0], [0, 2, 0]])  # class 2 in gt but never predicted; no class absent
+    scores = deeplab_scores(conf)
+    iou = [5 / 7, 3 / 7, 0.0]
+    assert scores["class_iou"] == pytest.approx(iou)
+    assert scores["miou"] == pytest.approx(np.mean(iou))
+    conf = np.array([[5, 1, 0], [1, 3, 0], [0, 0, 0]])  # class 2 absent from gt: excluded
+    assert deeplab_scores(conf)["miou"] == pytest.approx(np.mean([5 / 7, 3 / 5]))
+    assert deeplab_scores(conf)["pixel_accuracy"] == pytest.approx(8 / 10)
+
+
+def test_crf_image_reference_bug() -> None:
+    image = np.array([[[0, 0, 0], [200, 130, 110]]], dtype=np.uint8)
+    assert crf_image(image, reference_bug=False) is image
+    # BGR − (104.008, 116.669, 122.675): (−104.008, −116.669, −122.675) truncates to (−104, −116, −122) → wraps
+    wrapped = crf_image(image, reference_bug=True)
+    assert wrapped[0, 0].tolist() == [152, 140, 134]
+    assert wrapped[0, 1].tolist() == [5, 13, 77]  # (110−104.008, 130−116.669, 200−122.675)
+
+
+@pytest.fixture
+def voc_with_test(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    root = tmp_path / "voc"
+    masks = write_voc_root(root, {"v1": (40, 52), "v2": (33, 47), "t1": (45, 30)})
+    for image_id, mask in masks.items():  # fold the classes into 1..4, the toy world's class count
+        objects = (mask > 0) & (mask < 255)
+        mask[objects] = (mask[objects] - 1) % 4 + 1
+        save_label_png(root / "SegmentationClass" / f"{image_id}.png", mask)
+    (root / "ImageSets/Segmentation/val.txt").write_text("v1\nv2\n")
+    (root / "ImageSets/Segmentation/test.txt").write_text("t1\n")
+    return root, masks
+
+
+def test_val_scores_and_test_export(voc_with_test, tmp_path: Path) -> None:
+    root, _ = voc_with_test
+    torch.manual_seed(0)
+    net = DeepLabV2("resnet18", num_classes=20, pretrained=False).eval()
+    crf = {"iterations": 2, "bilateral_sxy": 10}
+    result = evaluate_val(net, str(root), ["v1", "v2"], gt="voc", crf=crf)
+    assert result["num_images"] == 2
+    conf = np.asarray(result["confusion"])
+    assert conf.shape == (21, 21) and conf.sum() == 40 * 52 + 33 * 47 - 52 - 47  # row 0 of each mask is 255
+    assert 0.0 <= result["plain"]["miou"] <= 1.0 and 0.0 <= result["crf"]["miou"] <= 1.0
+    archive = export_test(net, str(root), ["t1"], tmp_path / "seg", crf=crf, reference_bug=True)
+    png = tmp_path / "seg" / "results/VOC2012/Segmentation/comp5_test_cls/t1.png"
+    with Image.open(png) as img:
+        assert img.mode == "P" and img.size == (30, 45)
+        palette = np.asarray(img.getpalette()[: 3 * 256]).reshape(256, 3)
+        assert np.array_equal(palette[:21], VOC_PALETTE[:21])
+        assert np.asarray(img).max() <= 20
+    with tarfile.open(archive) as tar:
+        assert tar.getnames() == ["results/VOC2012/Segmentation/comp5_test_cls/t1.png"]
+
+
+def test_toy_seg_trains_then_evaluates(voc_with_test, tmp_path: Path, compose_cfg) -> None:
+    root, _ = voc_with_test
+    cfg = compose_cfg(
+        "train",
+        [
+            "experiment=toy_seg",
+            f"data.root={root}",
+            f"data.label_dir={root / 'SegmentationClass'}",
+            "data.train_split=train",
+            "data.val_gt=voc",
+            "data.batch_size=2",
+            "data.crop_size=64",
+            "data.num_workers=0",
+            "trainer.max_steps=2",
+            "trainer.check_val_every_n_epoch=1",
+            "logger=csv",
+        ],
+    )
+    metrics = train_run(cfg)
+    assert metrics["global_step"] == 2
+    assert math.isfinite(metrics["train/loss"]) and 0.0 <= metrics["val/miou"] <= 1.0
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    eval_cfg = compose_cfg(
+        "refine",
+        [
+            "model=seg",
+            f"data.root={root}",
+            f"ckpt={ckpt}",
+            "model.net.backbone=resnet18",
+            "data.classes=[aeroplane,boat,cow,train]",
+            "seg_eval.val_gt=voc",
+            "seg_eval.device=cpu",
+            "seg_eval.num_workers=0",
+            "seg_eval.crf.params.iterations=1",
+        ],
+    )
+    result = seg_eval.run(eval_cfg)
+    assert result["plain"]["miou"] is not None and "crf" in result
+    assert Path(eval_cfg.seg_eval.metrics_path).is_file()
+    assert Path(result["test_archive"]).is_file()

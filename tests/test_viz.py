@@ -1,0 +1,64 @@
+"""Overlay panels: exact pixel layout, palette colours, the clims-viz stage writing one PNG per picked id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cam_fixtures import write_cam_files, write_voc_root
+from PIL import Image
+
+from clims_pl.data.voc import VOC_PALETTE
+from clims_pl.viz import GAP, TITLE_HEIGHT, heat_overlay, overlay_panel, pick_ids, run
+
+NAMES = ["background", *(f"class{i}" for i in range(1, 21))]
+
+
+def test_panel_layout_and_colours() -> None:
+    image = np.full((40, 60, 3), 100, dtype=np.uint8)
+    gt = np.zeros((40, 60), dtype=np.uint8)
+    gt[10:30, 20:40] = 3
+    high_res = np.zeros((2, 40, 60), dtype=np.float32)
+    high_res[0, 10:30, 20:40] = 1.0  # class key 2 (label 3) where the gt object is
+    panel = overlay_panel(image, gt, high_res, np.array([2, 7]), NAMES, threshold=0.15)
+    assert panel.size == (5 * 60 + 4 * GAP, 40 + TITLE_HEIGHT)  # image, gt, 2 CAMs, prediction
+    pixels = np.asarray(panel)
+    gt_x, pred_x = 60 + GAP, 4 * (60 + GAP)
+    assert tuple(pixels[TITLE_HEIGHT + 20, gt_x + 30]) == tuple(VOC_PALETTE[3])
+    assert tuple(pixels[TITLE_HEIGHT + 20, pred_x + 30]) == tuple(VOC_PALETTE[3])
+    assert tuple(pixels[TITLE_HEIGHT + 2, pred_x + 2]) == tuple(VOC_PALETTE[0])
+    assert pixels[:TITLE_HEIGHT].min() == 0  # black title text was drawn
+
+
+def test_heat_overlay_blends_colour_map() -> None:
+    image = np.zeros((1, 2, 3), dtype=np.uint8)
+    out = heat_overlay(image, np.array([[0.0, 1.0]]), alpha=1.0, cmap="gray")
+    assert out.tolist() == [[[0, 0, 0], [255, 255, 255]]]
+
+
+def test_panel_shrinks_to_max_side_and_draws_missing_gt() -> None:
+    panel = overlay_panel(
+        np.zeros((50, 100, 3), np.uint8), None, np.zeros((0, 50, 100), np.float32), np.zeros(0, np.int64), NAMES,
+        max_side=40,
+    )  # fmt: skip
+    assert panel.size == (3 * 40 + 2 * GAP, 20 + TITLE_HEIGHT)
+    assert tuple(np.asarray(panel)[TITLE_HEIGHT + 5, 40 + GAP + 5]) == (128, 128, 128)
+
+
+def test_run_writes_overlays_for_random_or_given_ids(tmp_path: Path, compose_cfg) -> None:
+    shapes = {"2007_000001": (30, 45), "2007_000002": (36, 24), "2007_000003": (20, 20)}
+    masks = write_voc_root(tmp_path / "voc", shapes)
+    cams = write_cam_files(tmp_path / "run" / "cams", masks)
+    base = [f"data.root={tmp_path / 'voc'}", f"run_dir={tmp_path / 'run'}", "viz.max_side=null"]
+    paths = run(compose_cfg("viz", [*base, "viz.n=2"]))
+    assert len(paths) == 2 and all(p.parent == tmp_path / "run" / "overlays" for p in paths)
+    for path in paths:
+        h, w = shapes[path.stem]
+        k = len(cams[path.stem]["keys"])
+        assert Image.open(path).size == ((3 + k) * w + (2 + k) * GAP, h + TITLE_HEIGHT)
+    assert [p.stem for p in run(compose_cfg("viz", [*base, 'viz.ids=["2007_000003"]']))] == ["2007_000003"]
+    with pytest.raises(ValueError, match="quote the ids"):
+        run(compose_cfg("viz", [*base, "viz.ids=[2007_000003]"]))
+    with pytest.raises(FileNotFoundError, match=r"no CAM file for viz\.ids"):
+        pick_ids(tmp_path / "run" / "cams", ["nope"], 1)
