@@ -38,3 +38,28 @@ def compose_config(config_name: str, root: Path, overrides: Sequence[str] = ()) 
 def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """``compose_cfg("train", ["experiment=toy_cam"])`` → config rooted in this test's tmp_path."""
     return lambda name, overrides=(): compose_config(name, tmp_path, overrides)
+
+
+#: A small toy world shared by the whole session (generated once); pass ``toy_overrides(root)`` to compose.
+TOY_PARAMS = {"seed": 0, "size": 64, "n_train_aug": 48, "n_train": 16, "n_val": 16}
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from clims_pl.data.toy import generate_toy
+
+    root = tmp_path_factory.mktemp("toy") / "toy"
+    generate_toy(root, **TOY_PARAMS)
+    return root
+
+
+def toy_overrides(root: Path) -> list[str]:
+    """Point data=toy at the session's small world, with sizes for 64-px images and no worker processes."""
+    return [
+        f"data.root={root}",
+        *(f"data.toy.{k}={v}" for k, v in TOY_PARAMS.items()),
+        "data.crop_size=64",
+        "data.resize_long=[48,80]",
+        "data.batch_size=8",
+        "data.num_workers=0",
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ def prepare_run(cfg: DictConfig) -> Path:
             body = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
             tree.add(str(key)).add(rich.syntax.Syntax(body, "yaml"))
         rich.print(tree)
+    # FixedBN keeps BatchNorm layers in eval mode on purpose (reference §2.1); Lightning's warning about it misleads.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     return out

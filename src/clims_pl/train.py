@@ -37,7 +37,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train, save ``checkpoints/last.ckpt`` and ``metrics/train.json``; return the final logged metrics."""
     out = prepare_run(cfg)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
-    model: L.LightningModule = instantiate(cfg.model)
+    # Fail on a bad dataset root before anything slow (pretrained weights, CLIP) is built.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    # Plain dicts/lists (not DictConfig) reach the module, so its hyper-parameters survive Lightning's
+    # weights_only checkpoint loading on resume.
+    model: L.LightningModule = instantiate(cfg.model, _convert_="all")
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
     )
@@ -45,6 +50,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["global_step"] = trainer.global_step
+    if trainer.optimizers:
+        metrics["lr_final"] = trainer.optimizers[0].param_groups[0]["lr"]
     if trainer.is_global_zero:
         atomic_write_json(out / "metrics" / "train.json", metrics)
         log.info("train metrics: %s", json.dumps(metrics))
