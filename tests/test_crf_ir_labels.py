@@ -96,5 +96,7 @@ def test_stage_parallel_resumable(tmp_path: Path, compose_cfg) -> None:
         assert set(np.unique(label).tolist()) <= allowed
     assert not list(out.glob(".*.tmp"))
     (out / "b.png").unlink()
+    (out / ".b.png.killed.tmp").write_bytes(b"half")  # left by a killed run
     again = ir_labels.run(cfg)
     assert again["written"] == 1 and again["skipped"] == 2
+    assert not list(out.glob(".*.tmp"))

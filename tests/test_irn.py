@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -26,7 +27,10 @@ def test_affinity_labels_hand_counted() -> None:
     index = PathIndex(2, (8, 8))
     assert index.num_sources == 42
     bg, fg, neg = affinity_labels(label, torch.from_numpy(index.src_indices), torch.from_numpy(index.dst_indices), 20)
-    per_dir = {tuple(d): (int(b.sum()), int(f.sum()), int(n.sum())) for d, b, f, n in zip(index.search_dst, bg[0], fg[0], neg[0], strict=True)}
+    per_dir = {
+        tuple(d): (int(b.sum()), int(f.sum()), int(n.sum()))
+        for d, b, f, n in zip(index.search_dst, bg[0], fg[0], neg[0], strict=True)
+    }
     # (0,1): per row x=1,2 bg-bg, x=3 crosses, x=4..6 fg-fg; 7 rows
     assert per_dir[(0, 1)] == (14, 21, 7)
     # (1,0): row 6 reaches the unsure row; rows 0-5: 3 bg + 3 fg
@@ -64,7 +68,9 @@ def test_irnet_frozen_backbone_and_shapes() -> None:
     net.train()
     assert not net.backbone.training
     assert all(not p.requires_grad for p in net.backbone.parameters())
-    assert {id(p) for p in net.param_groups()} == {id(p) for p in [*net.edge_heads.parameters(), *net.edge_out.parameters()]}
+    assert {id(p) for p in net.param_groups()} == {
+        id(p) for p in [*net.edge_heads.parameters(), *net.edge_out.parameters()]
+    }
     logits = net(torch.randn(2, 3, 50, 70))
     assert logits.shape == (2, 1, 13, 18)  # ceil(H/4), ceil(W/4)
     logits.sum().backward()
@@ -91,7 +97,7 @@ def test_training_steps_lower_the_affinity_loss() -> None:
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert all(b < a for a, b in zip(losses, losses[1:]))  # monotone on this fixed batch
+    assert all(b < a for a, b in itertools.pairwise(losses))  # monotone on this fixed batch
     assert losses[-1] < 0.9 * losses[0]
 
 

@@ -17,7 +17,9 @@ def test_direction_counts(radius: int, count: int) -> None:
     # half-plane: no direction appears with its opposite, and none is the origin
     assert not {(-dy, -dx) for dy, dx in dirs} & set(dirs)
     # brute force over the disc: exactly half of the non-zero offsets with x² + y² < r²
-    disc = [(y, x) for y in range(-radius, radius + 1) for x in range(-radius, radius + 1) if 0 < x * x + y * y < radius**2]
+    disc = [
+        (y, x) for y in range(-radius, radius + 1) for x in range(-radius, radius + 1) if 0 < x * x + y * y < radius**2
+    ]
     assert 2 * count == len(disc)
 
 

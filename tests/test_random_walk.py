@@ -112,6 +112,7 @@ def test_pseudo_stage_writes_and_evaluates(tmp_path: Path, compose_cfg) -> None:
             f"data.root={tmp_path / 'voc'}",
             f"ckpt={ckpt}",
             "model.net.backbone=resnet18",
+            "model.net.inference_pad=64",
             f"pseudo.cam_dir={tmp_path / 'cams'}",
             "pseudo.split=train",
             "pseudo.eval_split=train",

@@ -202,7 +202,12 @@ def predict_cams(
     todo = set(pending_ids(ids, out_dir))
     subset = Subset(dataset, [i for i, image_id in enumerate(ids) if image_id in todo])
     loader = DataLoader(
-        subset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_multiscale, shuffle=False
+        subset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_multiscale,
+        shuffle=False,
+        pin_memory=torch.cuda.is_available(),
     )
     start = time.perf_counter()
     if todo:
@@ -229,9 +234,9 @@ def load_net(net_cfg: DictConfig, ckpt: str | os.PathLike) -> nn.Module:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).splitlines()[1:2]
+        detail = " ".join(str(err).splitlines()[1:2]).strip()[:200]
         raise ValueError(
-            f"{ckpt}: weights do not fit model.net ({' '.join(first).strip()}); pick the model/experiment "
+            f"{ckpt}: weights do not fit model.net ({detail}); pick the model/experiment "
             "the checkpoint was trained with (e.g. model=clims, model.net.backbone=...)"
         ) from err
     return net.eval()

@@ -110,20 +110,25 @@ def sweep_histogram(
     high_res, keys, gt = np.asarray(high_res), np.asarray(keys, dtype=np.int64), np.asarray(gt)
     if high_res.shape[1:] != gt.shape or len(high_res) != len(keys):
         raise ValueError(f"CAM maps {high_res.shape} do not fit keys {keys.shape} and ground truth {gt.shape}")
-    valid = gt != ignore_index
-    gt_valid = gt[valid].astype(np.int64)
-    if len(gt_valid) and (gt_valid.min() < 0 or gt_valid.max() >= num_classes):
+    if ((gt < 0) | ((gt >= num_classes) & (gt != ignore_index))).any():
         raise ValueError(f"ground truth has labels outside [0, {num_classes}) other than ignore_index={ignore_index}")
     if len(keys) and (keys.min() < 0 or keys.max() + 1 >= num_classes):
         raise ValueError(f"keys {keys.tolist()} outside [0, {num_classes - 1})")
-    flat = gt_valid * num_classes  # keys empty: background at every threshold (j = 0, class 0)
+    # Flat bin (j, row, class) with ignored pixels in an extra row C that is dropped at the end: no boolean
+    # masking (the slow part), every step in place.
+    rows = np.where(gt == ignore_index, num_classes, gt).ravel()
     if len(keys):
         best, fg_class = _first_max(high_res.reshape(len(keys), -1), keys + 1)
-        below = np.searchsorted(np.asarray(thresholds).astype(high_res.dtype), best, side="left")
-        mask = valid.ravel()
-        flat += below[mask] * (num_classes * num_classes) + fg_class[mask]
-    n_bins = (len(thresholds) + 1) * num_classes * num_classes
-    return np.bincount(flat, minlength=n_bins).reshape(len(thresholds) + 1, num_classes, num_classes)
+        flat = np.searchsorted(np.asarray(thresholds).astype(high_res.dtype), best, side="left")
+        flat *= num_classes + 1
+    else:  # no class kept: background at every threshold (j = 0, class 0)
+        flat, fg_class = np.zeros(rows.shape, dtype=np.int64), 0
+    flat += rows
+    flat *= num_classes
+    flat += fg_class
+    n_thr = len(thresholds)
+    counts = np.bincount(flat, minlength=(n_thr + 1) * (num_classes + 1) * num_classes)
+    return counts.reshape(n_thr + 1, num_classes + 1, num_classes)[:, :num_classes]
 
 
 def _first_max(maps: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

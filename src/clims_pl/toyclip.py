@@ -147,7 +147,9 @@ def _bands(pool: PrimitivePool, concepts: Concepts, rng: np.random.Generator) ->
     rgb = layers[0].copy()
     if len(names) == 2:
         x = np.arange(size)
-        horizon = size * (rng.uniform(0.3, 0.7) + 0.06 * np.sin(2 * np.pi * (x / size * rng.uniform(0.5, 2) + rng.random())))
+        horizon = size * (
+            rng.uniform(0.3, 0.7) + 0.06 * np.sin(2 * np.pi * (x / size * rng.uniform(0.5, 2) + rng.random()))
+        )
         below = np.arange(size)[:, None] >= horizon[None, :]
         rgb[below] = layers[1][below]
         codes[below] = concepts.world_background(names[1])
@@ -198,9 +200,7 @@ def _probabilities(weights: Mapping[str, float]) -> np.ndarray:
     return p / p.sum()
 
 
-def random_maps(
-    regions: torch.Tensor, masks: Mapping[str, float], gen: torch.Generator
-) -> torch.Tensor:
+def random_maps(regions: torch.Tensor, masks: Mapping[str, float], gen: torch.Generator) -> torch.Tensor:
     """CAM-like soft maps (B, 1, h, w) in [0, 1] at CAM resolution, one per image.
 
     ``regions`` (B, K, h, w) are the concepts' area fractions per CAM cell. Kinds (weights in ``masks``):
@@ -208,7 +208,7 @@ def random_maps(
     noise, with a random threshold: under- or over-covering like a CAM). ``masks.complement`` is the
     probability of using 1 − map instead (the background crop of CLIMS).
     """
-    b, k, h, w = regions.shape
+    b, _, h, w = regions.shape
     p = torch.tensor(_probabilities({m: masks[m] for m in MASK_KINDS}), dtype=torch.float32)
     kind = torch.multinomial(p, b, replacement=True, generator=gen).view(b, 1, 1, 1)
     rand = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
@@ -216,7 +216,9 @@ def random_maps(
     blob = torch.sigmoid((1 + 5 * rand(b, 1, 1, 1)) * (field - (2 * rand(b, 1, 1, 1) - 1)))
     present = (regions.sum((2, 3)) > 0).float() + 1e-6
     pick = torch.multinomial(present, 1, generator=gen).view(b)
-    region = regions[torch.arange(b), pick].unsqueeze(1) + 0.3 * rand(b, 1, 1, 1) * torch.randn(b, 1, h, w, generator=gen)
+    region = regions[torch.arange(b), pick].unsqueeze(1) + 0.3 * rand(b, 1, 1, 1) * torch.randn(
+        b, 1, h, w, generator=gen
+    )
     region = torch.sigmoid((5 + 15 * rand(b, 1, 1, 1)) * (region - (0.05 + 0.55 * rand(b, 1, 1, 1))))
     maps = torch.where(kind == 0, torch.ones_like(blob), torch.where(kind == 1, blob, region))
     flip = (kind > 0) & (rand(b, 1, 1, 1) < float(masks["complement"]))
@@ -246,16 +248,24 @@ def evidence(regions: torch.Tensor, maps: torch.Tensor, area: Sequence[float]) -
 def concept_regions(codes: torch.Tensor, num_concepts: int, size: int) -> torch.Tensor:
     """(B, K, size, size) area fraction of each concept per cell, from (B, S, S) concept codes."""
     onehot = (codes.unsqueeze(1) == torch.arange(num_concepts, dtype=codes.dtype).view(1, -1, 1, 1)).float()
-    return F.adaptive_avg_pool2d(onehot, size)
+    return area_pool(onehot, size)
+
+
+def area_pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Average over cells to ``size`` × ``size`` (a plain strided average when the side divides: faster)."""
+    side = x.shape[-1]
+    if side % size == 0 and x.shape[-2] == side:
+        return F.avg_pool2d(x, side // size)
+    return F.adaptive_avg_pool2d(x, size)
 
 
 class CaptionSampler:
     """Endless batches of (masked teacher input, evidence) made on the fly from the renderer.
 
     A buffer holds ``buffer_size`` composed and augmented images (already at CLIP size, with their concept
-    regions); before each batch ``fresh_per_step`` of them are replaced by new ones and the pool re-renders a
-    few primitives. WHY: composing + augmenting costs ~6 ms an image, the maps ~nothing, so every image is
-    reused a few times, each time under a new random map (hence a new input and a new caption).
+    regions at 4× the CAM resolution); before each batch ``fresh_per_step`` of them are replaced by new ones and
+    the pool re-renders a few primitives. WHY: composing + augmenting costs ~5 ms an image, a map nearly
+    nothing, so every image is reused a few times, each time under a new random map (a new input and caption).
     Deterministic per seed: numpy draws the images, albumentations its own seeded generators, torch the maps.
     """
 
@@ -276,6 +286,7 @@ class CaptionSampler:
     ) -> None:
         self.concepts, self.mix, self.masks, self.evidence_area = concepts, dict(mix), dict(masks), evidence_area
         self.clip_size, self.cam_size = clip_size, math.ceil(crop_size / cam_stride)
+        self.region_size = 4 * self.cam_size
         self.rng = np.random.default_rng([seed, 0, 1])
         self.gen = torch.Generator().manual_seed(seed)
         self.transform = train_transform(crop_size, resize_long)
@@ -284,7 +295,7 @@ class CaptionSampler:
         self.pool = PrimitivePool(world, int(pool["per_class"]), int(pool["per_background"]), self.rng)
         n, k = int(pool["buffer_size"]), len(concepts.names)
         self.images = torch.empty(n, 3, clip_size, clip_size)
-        self.regions = torch.empty(n, k, clip_size, clip_size, dtype=torch.float16)
+        self.regions = torch.empty(n, k, self.region_size, self.region_size)
         self._fill(torch.arange(n))
 
     def _fill(self, slots: torch.Tensor) -> None:
@@ -296,18 +307,17 @@ class CaptionSampler:
             images.append(out["image"])
             codes.append(out["mask"])
         self.images[slots] = to_clip_size(torch.stack(images), self.clip_size)
-        regions = concept_regions(torch.stack(codes), len(self.concepts.names), self.clip_size)
-        self.regions[slots] = regions.to(self.regions.dtype)
+        self.regions[slots] = concept_regions(torch.stack(codes), len(self.concepts.names), self.region_size)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(teacher inputs (n, 3, s, s), evidence (n, K)) under fresh random CAM-like maps."""
         self.pool.refresh(self.refresh, self.rng)
         self._fill(torch.randperm(len(self.images), generator=self.gen)[: self.fresh])
         idx = torch.randint(len(self.images), (n,), generator=self.gen)
-        regions = self.regions[idx].float()
-        maps = random_maps(F.adaptive_avg_pool2d(regions, self.cam_size), self.masks, self.gen)
+        regions = self.regions[idx]
+        maps = random_maps(area_pool(regions, self.cam_size), self.masks, self.gen)
         up = to_clip_size(maps, self.clip_size)
-        return up * self.images[idx], evidence(regions, up, self.evidence_area)
+        return up * self.images[idx], evidence(regions, area_pool(up, self.region_size), self.evidence_area)
 
 
 # ------------------------------------------------------------------------------------------------- losses
@@ -351,7 +361,9 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     other = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}], lr=lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}], lr=lr
+    )
 
 
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -375,7 +387,7 @@ def train_toyclip(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     opt = _optimizer(model, float(tc.lr), float(tc.weight_decay))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, int(tc.warmup_steps), int(tc.steps)))
     model.train()
-    start, history = time.perf_counter(), []
+    start, cpu_start, history = time.perf_counter(), time.process_time(), []
     for step in range(int(tc.steps)):
         x, e = sampler.batch(int(tc.batch_size))
         cos = F.normalize(model.encode_image(x), dim=-1) @ concept_features(model, tokens, n_templates).T
@@ -388,13 +400,26 @@ def train_toyclip(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        history.append([float(contrastive), float(calibration)])
+        history.append([float(contrastive.detach()), float(calibration.detach())])
         if (step + 1) % int(tc.log_every) == 0 or step + 1 == int(tc.steps):
             c, r = np.mean(history[-int(tc.log_every) :], axis=0)
-            log.info("toyclip step %d/%d  contrastive %.4f  range %.5f  (%.0f s)", step + 1, tc.steps, c, r, time.perf_counter() - start)
+            log.info(
+                "toyclip step %d/%d  contrastive %.4f  range %.5f  (%.0f s)",
+                step + 1,
+                tc.steps,
+                c,
+                r,
+                time.perf_counter() - start,
+            )
     model.eval()
     c, r = np.mean(history[-min(50, len(history)) :], axis=0)
-    record = {"steps": int(tc.steps), "wall_s": round(time.perf_counter() - start, 1), "final_contrastive": float(c), "final_range": float(r)}
+    record = {
+        "steps": int(tc.steps),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "cpu_s": round(time.process_time() - cpu_start, 1),
+        "final_contrastive": float(c),
+        "final_range": float(r),
+    }
     return model, record
 
 
@@ -422,13 +447,19 @@ def config_hash(cfg: DictConfig) -> str:
     train.pop("log_every", None)
     keyed = {
         "model": cfg.model,
-        "model_config": (CONFIG_DIR / f"{cfg.model}.json").read_text() if (CONFIG_DIR / f"{cfg.model}.json").is_file() else None,
+        "model_config": (CONFIG_DIR / f"{cfg.model}.json").read_text()
+        if (CONFIG_DIR / f"{cfg.model}.json").is_file()
+        else None,
         "prompts": Path(toy_concepts(cfg.prompts).bank.source).read_text(),
         "toy_version": TOY_VERSION,
         "open_clip": open_clip.__version__,
         "seed": int(cfg.seed),
         "world": OmegaConf.to_container(cfg.world, resolve=True),
-        "pipeline": [cfg.crop_size, OmegaConf.to_container(cfg.resize_long) if cfg.resize_long else None, cfg.cam_stride],
+        "pipeline": [
+            cfg.crop_size,
+            OmegaConf.to_container(cfg.resize_long) if cfg.resize_long else None,
+            cfg.cam_stride,
+        ],
         "train": train,
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
     }
@@ -466,18 +497,20 @@ def _normalised(rgbs: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack([imagenet_normalize(x) for x in rgbs])).permute(0, 3, 1, 2).contiguous()
 
 
-def _whole_image_scores(evaluator: ClipEvaluator, images: torch.Tensor, num_classes: int) -> ClipScoresView:
-    """Cosines of unmasked images to every class prompt (N, C) and background prompt (N, B), via the evaluator."""
+@dataclass
+class WholeImageScores:
+    """Cosines of unmasked images to every class prompt (N, C) and every background prompt (N, B)."""
+
+    classes: torch.Tensor
+    backgrounds: torch.Tensor
+
+
+def _whole_image_scores(evaluator: ClipEvaluator, images: torch.Tensor, num_classes: int) -> WholeImageScores:
+    """Score whole images through the evaluator: all-ones maps and labels make every fg crop the image."""
     n, _, h, w = images.shape
     labels = torch.ones(n, num_classes)
     scores = evaluator(torch.ones(n, num_classes, h, w), images, labels)
-    return ClipScoresView(scores.s_fg.view(n, num_classes), scores.s_fg_bg.view(n, num_classes, -1)[:, 0])
-
-
-@dataclass
-class ClipScoresView:
-    classes: torch.Tensor  #: (N, C)
-    backgrounds: torch.Tensor  #: (N, B)
+    return WholeImageScores(scores.s_fg.view(n, num_classes), scores.s_fg_bg.view(n, num_classes, -1)[:, 0])
 
 
 @torch.no_grad()
@@ -541,7 +574,9 @@ def _perfect_cams(scenes: Sequence[Any], concepts: Concepts, stride: int) -> tor
     cells = math.ceil(size / stride)
     masks = torch.from_numpy(np.stack([s.mask for s in scenes])).long()
     world_to_bank = torch.tensor([concepts.world_class(i) for i in range(len(TOY_CLASSES))])
-    codes = torch.where((masks >= 1) & (masks <= len(TOY_CLASSES)), world_to_bank[(masks - 1).clamp(0, len(TOY_CLASSES) - 1)], -1)
+    codes = torch.where(
+        (masks >= 1) & (masks <= len(TOY_CLASSES)), world_to_bank[(masks - 1).clamp(0, len(TOY_CLASSES) - 1)], -1
+    )
     return concept_regions(codes, concepts.num_classes, cells)
 
 

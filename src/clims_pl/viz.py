@@ -172,7 +172,8 @@ def run(cfg: DictConfig) -> list[Path]:
     )
     for logger in instantiate_loggers(cfg):
         if isinstance(logger, WandbLogger):
-            logger.log_image(key="overlays", images=[str(p) for p in paths], caption=ids)
+            for image_id, path in zip(ids, paths, strict=True):  # one key each: panel sizes differ
+                logger.log_image(key=f"overlays/{image_id}", images=[str(path)], caption=[image_id])
             logger.finalize("success")
     log.info("wrote %d overlays to %s", len(paths), viz.out_dir)
     return paths

@@ -46,8 +46,12 @@ def random_crop(
     cont_left, img_left, cw = axis(image.shape[1])
     image_out = np.zeros((crop_size, crop_size, image.shape[2]), image.dtype)
     label_out = np.full((crop_size, crop_size), ignore_index, label.dtype)
-    image_out[cont_top : cont_top + ch, cont_left : cont_left + cw] = image[img_top : img_top + ch, img_left : img_left + cw]
-    label_out[cont_top : cont_top + ch, cont_left : cont_left + cw] = label[img_top : img_top + ch, img_left : img_left + cw]
+    image_out[cont_top : cont_top + ch, cont_left : cont_left + cw] = image[
+        img_top : img_top + ch, img_left : img_left + cw
+    ]
+    label_out[cont_top : cont_top + ch, cont_left : cont_left + cw] = label[
+        img_top : img_top + ch, img_left : img_left + cw
+    ]
     return image_out, label_out
 
 
@@ -148,6 +152,6 @@ class AffinityDataModule(L.LightningDataModule):
             shuffle=True,
             drop_last=True,
             num_workers=self.num_workers,
-            pin_memory=True,
+            pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )

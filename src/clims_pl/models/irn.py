@@ -49,9 +49,7 @@ class IRNet(nn.Module):
         self.backbone.requires_grad_(False)
         self.inference_pad = inference_pad
         channels = [info["num_chs"] for info in self.backbone.feature_info]  # stem, layer1..layer4
-        self.edge_heads = nn.ModuleList(
-            _edge_head(c, up) for c, up in zip(channels, (1, 1, 2, 4, 4), strict=True)
-        )
+        self.edge_heads = nn.ModuleList(_edge_head(c, up) for c, up in zip(channels, (1, 1, 2, 4, 4), strict=True))
         self.edge_out = nn.Conv2d(32 * len(channels), 1, 1, bias=True)
         self.train()
 

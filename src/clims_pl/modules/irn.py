@@ -55,19 +55,21 @@ class IRNModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net"])
         self.net = net
-        grid = (crop_size - 1) // 4 + 1
-        index = PathIndex(radius, (grid, grid))
-        # Rebuilt from (radius, crop_size) at construction, so kept out of checkpoints.
-        self.register_buffer("src_indices", torch.from_numpy(index.src_indices), persistent=False)
-        self.register_buffer("dst_indices", torch.from_numpy(index.dst_indices), persistent=False)
-        self._path_names = []
-        for i, group in enumerate(index.path_indices):
-            self.register_buffer(f"path_indices_{i}", torch.from_numpy(group), persistent=False)
-            self._path_names.append(f"path_indices_{i}")
-        self.grid = grid
+        self.grid = (crop_size - 1) // 4 + 1
+        self.path_index = PathIndex(radius, (self.grid, self.grid))
+        self._indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
 
-    def path_indices(self) -> list[torch.Tensor]:
-        return [getattr(self, name) for name in self._path_names]
+    def indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(src, dst, path indices) on ``device``, copied once. Not buffers: DDP would broadcast these ~200 MB
+        of constants every step, and checkpoints need not store what (radius, crop_size) rebuild."""
+        if device not in self._indices:
+            index = self.path_index
+            self._indices[device] = (
+                torch.from_numpy(index.src_indices).to(device),
+                torch.from_numpy(index.dst_indices).to(device),
+                index.torch_path_indices(device),
+            )
+        return self._indices[device]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image)
@@ -80,8 +82,9 @@ class IRNModule(L.LightningModule):
                 f"edge {tuple(edge.shape[-2:])} / label {tuple(label.shape[-2:])} do not match the path-index grid "
                 f"{self.grid}×{self.grid}: model.crop_size must equal data.crop_size"
             )
-        affinity = edge_to_affinity(edge, self.path_indices())
-        masks = affinity_labels(label, self.src_indices, self.dst_indices, self.hparams.num_classes)
+        src, dst, paths = self.indices(edge.device)
+        affinity = edge_to_affinity(edge, paths)
+        masks = affinity_labels(label, src, dst, self.hparams.num_classes)
         return affinity_loss(affinity, *masks)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

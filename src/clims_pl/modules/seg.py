@@ -7,7 +7,6 @@ conv weights / ×10 ASPP weights / ×20 ASPP biases (wd 0), poly decay updated e
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import lightning as L
@@ -54,22 +53,22 @@ def deeplab_scores(conf: np.ndarray) -> dict[str, Any]:
     mIoU of the CAM / pseudo-label evaluation.
     """
     hist = np.asarray(conf, dtype=np.float64)
-    diag, gt_sum, pred_sum = np.diag(hist), hist.sum(axis=1), hist.sum(axis=0)
+    diag, gt_sum, pred_sum, total = np.diag(hist), hist.sum(axis=1), hist.sum(axis=0), hist.sum()
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = diag / (gt_sum + pred_sum - diag)
         acc_cls = diag / gt_sum
     present = gt_sum > 0
-    freq = gt_sum / max(hist.sum(), 1)
+    freq = gt_sum / max(total, 1.0)
 
-    def clean(x: float) -> float | None:
-        return None if math.isnan(x) else float(x)
+    def mean(values: np.ndarray) -> float | None:
+        return float(np.nanmean(values)) if np.isfinite(values).any() else None
 
     return {
-        "pixel_accuracy": clean(diag.sum() / hist.sum()) if hist.sum() else None,
-        "mean_accuracy": clean(np.nanmean(acc_cls)) if np.isfinite(acc_cls).any() else None,
-        "fw_iou": float((freq[freq > 0] * iou[freq > 0]).sum()),
-        "miou": clean(np.nanmean(iou[present])) if present.any() else None,
-        "class_iou": [clean(v) for v in iou],
+        "pixel_accuracy": float(diag.sum() / total) if total else None,
+        "mean_accuracy": mean(acc_cls),
+        "fw_iou": float((freq[present] * iou[present]).sum()),
+        "miou": mean(iou[present]),
+        "class_iou": [None if np.isnan(v) else float(v) for v in iou],
     }
 
 

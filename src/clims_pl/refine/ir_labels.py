@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -20,19 +19,18 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from clims_pl.cams import load_cam
 from clims_pl.data.voc import load_image, read_split, save_label_png
 from clims_pl.refine.crf import crf_inference_label
 
 log = logging.getLogger("clims_pl")
 
 
-def load_cams(cam_dir: str | os.PathLike, image_id: str) -> dict[str, np.ndarray]:
-    """``keys`` (K,), ``cam`` (K, h, w) and ``high_res`` (K, H, W) of one image from ``<cam_dir>/<id>.npz``."""
-    path = Path(cam_dir) / f"{image_id}.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run CAM inference (clims-infer) for this split first")
-    with np.load(path) as data:
-        return {name: data[name] for name in ("keys", "cam", "high_res")}
+def pending_pngs(ids: list[str], out_dir: Path) -> list[str]:
+    """Ids without ``<out_dir>/<id>.png``; temp files of a killed run (atomic writes) are removed first."""
+    for stale in out_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    return [i for i in ids if not (out_dir / f"{i}.png").is_file()]
 
 
 def class_lookup(keys: np.ndarray) -> np.ndarray:
@@ -81,7 +79,7 @@ def ir_label(
 
 def _make_one(image_id: str, root: str, cam_dir: str, out_dir: str, params: dict[str, Any]) -> str:
     """Worker: build and atomically write one IR label PNG."""
-    cams = load_cams(cam_dir, image_id)
+    cams = load_cam(Path(cam_dir) / f"{image_id}.npz")
     label = ir_label(load_image(root, image_id), cams["high_res"], cams["keys"], **params)
     save_label_png(Path(out_dir) / f"{image_id}.png", label)
     return image_id
@@ -96,7 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.ir_labels
     root, out_dir = str(cfg.data.root), Path(stage.out_dir)
     ids = read_split(root, stage.split)
-    todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
+    todo = pending_pngs(ids, out_dir)
     params = {
         "fg_threshold": float(stage.fg_threshold),
         "bg_threshold": float(stage.bg_threshold),
@@ -112,7 +110,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             work(image_id)
             progress.update()
     else:
-        with multiprocessing.get_context().Pool(num_workers) as pool:
+        # spawn, not fork: in the pipeline this process has already run torch (OpenMP threads, maybe CUDA).
+        with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
             for _ in pool.imap_unordered(work, todo, chunksize=4):
                 progress.update()
     progress.close()

@@ -77,8 +77,7 @@ class PathIndex:
             return full[dy : dy + crop_h, rf + dx : rf + dx + crop_w].reshape(-1)
 
         self.path_indices = [
-            np.stack([np.stack([shifted(dy, dx) for dy, dx in path]) for path in group])
-            for group in self.search_paths
+            np.stack([np.stack([shifted(dy, dx) for dy, dx in path]) for path in group]) for group in self.search_paths
         ]
         self.src_indices = shifted(0, 0)
         self.dst_indices = np.concatenate([group[:, 0] for group in self.path_indices])

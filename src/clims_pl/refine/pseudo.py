@@ -27,6 +27,7 @@ from clims_pl.data.voc import load_image, read_split, save_label_png
 from clims_pl.evaluate import display_names, evaluate_label_dir
 from clims_pl.io import atomic_write_json
 from clims_pl.models.irn import IRNet
+from clims_pl.refine.ir_labels import pending_pngs
 from clims_pl.refine.random_walk import propagate_to_edge, walk_to_label
 
 log = logging.getLogger("clims_pl")
@@ -94,7 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.pseudo
     root, out_dir = str(cfg.data.root), Path(stage.out_dir)
     ids = read_split(root, stage.split)
-    todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
+    todo = pending_pngs(ids, out_dir)
     device = resolve_device(stage.device)
     start = time.time()
     if todo:

@@ -58,7 +58,8 @@ def transition_matrix(edge: torch.Tensor, radius: int = 5, beta: float = 10.0) -
     diag = torch.arange(n, device=edge.device)
     rows = torch.cat([src, dst, diag])
     cols = torch.cat([dst, src, diag])
-    weights = torch.cat([affinity.pow(beta), affinity.pow(beta), torch.ones(n, device=edge.device)])
+    scaled = affinity.pow(beta)
+    weights = torch.cat([scaled, scaled, torch.ones(n, device=edge.device, dtype=scaled.dtype)])
     degree = torch.zeros(n, device=edge.device, dtype=weights.dtype).index_add_(0, cols, weights)
     coo = torch.sparse_coo_tensor(
         torch.stack([cols, rows]), weights / degree[cols], (n, n), check_invariants=False

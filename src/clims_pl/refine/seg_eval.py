@@ -34,6 +34,7 @@ from clims_pl.io import atomic_path, atomic_write_json
 from clims_pl.metrics import pair_confusion
 from clims_pl.modules.seg import deeplab_scores
 from clims_pl.refine.crf import crf_inference_prob
+from clims_pl.refine.ir_labels import pending_pngs
 from clims_pl.refine.pseudo import resolve_device
 
 log = logging.getLogger("clims_pl")
@@ -160,7 +161,7 @@ def export_test(
     """Palette PNGs of ``ids`` in ``<out_dir>/results/VOC2012/Segmentation/comp5_test_cls/`` (existing ones are
     kept) and ``<out_dir>/results.tar.gz`` holding that ``results/`` tree, ready for the evaluation server."""
     png_dir = Path(out_dir) / RESULTS_SUBDIR
-    todo = [i for i in ids if not (png_dir / f"{i}.png").is_file()]
+    todo = pending_pngs(ids, png_dir)
     dataset = SegEvalDataset(root, todo, gt=None, normalization=normalization)
     work = partial(_export_one, root=root, out_dir=str(png_dir), crf=crf, reference_bug=reference_bug)
     for _ in _map(work, predict_logits(net, dataset, torch.device(device)), len(todo), num_workers, "seg test"):
