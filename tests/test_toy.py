@@ -174,3 +174,22 @@ def test_cli_generates_and_overwrites(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main([*args, "--seed", "4", "--force"]) == 0
     assert json.loads((tmp_path / "t" / "toy.json").read_text())["params"]["seed"] == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left
+
+
+def test_background_map_matches_backgrounds_and_is_written_for_evaluated_images(tmp_path) -> None:
+    from PIL import Image
+
+    from clims_pl.data.toy import BACKGROUND_DIR, TOY_BACKGROUNDS, ToyWorld, generate_toy
+
+    world = ToyWorld(64, seed=3)
+    for i in range(12):
+        scene = world.scene(i)
+        names = {TOY_BACKGROUNDS[k] for k in np.unique(scene.background)}
+        assert names == set(scene.backgrounds)
+    root = tmp_path / "toy"
+    generate_toy(root, seed=3, size=64, n_train_aug=6, n_train=2, n_val=2)
+    written = sorted(p.stem for p in (root / BACKGROUND_DIR).glob("*.png"))
+    assert written == ["toy_000000", "toy_000001", "toy_000006", "toy_000007"]
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(root / BACKGROUND_DIR / "toy_000001.png")), world.scene(1).background
+    )

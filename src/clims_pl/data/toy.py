@@ -59,7 +59,9 @@ TOY_PARTS: dict[str, str] = {"aeroplane": "tail", "boat": "sail", "cow": "horns"
 #: ImageNet mean colour: 0 after normalisation, the colour of CLIMS's masked-out pixels.
 NEUTRAL_RGB: tuple[int, int, int] = (124, 116, 104)
 #: Bump when the rendering changes, so an old world on disk is not silently reused.
-TOY_VERSION = 1
+TOY_VERSION = 2  # 2: ToyBackground/ per-pixel background maps for the evaluated images
+#: Per-pixel background index (into TOY_BACKGROUNDS) of train and val images, as grayscale PNGs.
+BACKGROUND_DIR = "ToyBackground"
 
 P_COOCCUR = 0.9  # a class's image shows its co-occurring background
 P_TWO_CLASSES = 0.25  # an image holds two distinct classes (else one)
@@ -82,6 +84,9 @@ class Scene(NamedTuple):
     class_indices: tuple[int, ...]  #: class index of each object, in painting order
     backgrounds: tuple[str, ...]  #: 1 or 2 background names, top band first
     boxes: tuple[tuple[int, int, int, int], ...]  #: visible (xmin, ymin, xmax, ymax) per object, 0-based
+    #: (S, S) uint8 index into TOY_BACKGROUNDS of the texture behind each pixel (also under objects): lets the
+    #: evaluation count how much of a class's co-occurring background a CAM claims.
+    background: np.ndarray
 
 
 class _Pose(NamedTuple):
@@ -217,7 +222,9 @@ class ToyWorld:
         for k in range(len(classes)):
             ys, xs = np.nonzero(instance == k + 1)
             boxes.append((int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())))
-        return Scene(_to_uint8(canvas), mask, tuple(classes), backgrounds, tuple(boxes))
+        below = np.zeros_like(mask, dtype=bool) if horizon is None else self._yy >= horizon[None, :]
+        background = np.where(below, TOY_BACKGROUNDS.index(backgrounds[-1]), TOY_BACKGROUNDS.index(backgrounds[0]))
+        return Scene(_to_uint8(canvas), mask, tuple(classes), backgrounds, tuple(boxes), background.astype(np.uint8))
 
     # ------------------------------------------------------------------------------------------ sampling
     @staticmethod
@@ -558,7 +565,8 @@ def _write_world(out: Path, params: dict[str, int], progress: bool) -> None:
     train_aug, val = ids[:n_aug], ids[n_aug:]
     train = train_aug[: params["n_train"]]
     with_class_mask = set(train) | set(val)
-    for folder in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
+    folders = ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation")
+    for folder in (*folders, BACKGROUND_DIR):
         (out / folder).mkdir(parents=True, exist_ok=True)
     backgrounds = {}
     for index, image_id in enumerate(tqdm(ids, desc="toy world", disable=not progress)):
@@ -569,6 +577,7 @@ def _write_world(out: Path, params: dict[str, int], progress: bool) -> None:
         (out / "SegmentationClassAug" / f"{image_id}.png").write_bytes(png)
         if image_id in with_class_mask:
             (out / "SegmentationClass" / f"{image_id}.png").write_bytes(png)
+            Image.fromarray(scene.background).save(out / BACKGROUND_DIR / f"{image_id}.png")
         backgrounds[image_id] = list(scene.backgrounds)
     lists = {"train": train, "val": val, "trainval": train + val, "train_aug": train_aug}
     for name, split_ids in lists.items():
