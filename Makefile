@@ -5,7 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VOC_ROOT ?= data/VOCdevkit/VOC2012
-RUN_DIR ?= runs/demo
 ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -13,7 +12,7 @@ ARGS ?=
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: VOC_ROOT=$(VOC_ROOT) RUN_DIR=$(RUN_DIR) ARGS='extra hydra overrides'"
+	@echo "  variables: VOC_ROOT=$(VOC_ROOT) ARGS='extra hydra overrides'"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,7 +36,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff format .
 
 demo: $(STAMP) ## end-to-end pipeline on the embedded offline toy world
-	$(BIN)/clims-demo run_dir=$(RUN_DIR) $(ARGS)
+	$(BIN)/clims-demo $(ARGS)
 
 bench: $(STAMP) ## speed/memory benchmarks, JSON lines on stdout
 	@for b in benchmarks/bench_*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done

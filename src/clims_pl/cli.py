@@ -57,3 +57,9 @@ _reproduce = _entry("reproduce", "clims_pl.pipeline:run")
 def reproduce_main() -> None:
     sys.argv[1:] = _flags_to_overrides(sys.argv[1:])
     _reproduce()
+
+
+def demo_main() -> None:
+    """``clims-demo`` = ``clims-reproduce experiment=toy_demo`` (+ any overrides): the offline end-to-end demo."""
+    sys.argv[1:] = ["experiment=toy_demo", *_flags_to_overrides(sys.argv[1:])]
+    _reproduce()

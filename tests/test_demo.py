@@ -1,0 +1,89 @@
+"""Demo: the co-occurring-background false-activation count, and the whole toy pipeline at CI size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TOY_PARAMS, compose_config
+from omegaconf import open_dict
+
+from clims_pl.demo import cobg_counts
+from clims_pl.pipeline import run
+
+
+def test_cobg_counts_by_hand() -> None:
+    # 2 classes; class 0's co-occurring background is texture 5, class 1's is texture 7.
+    gt = np.array([[0, 0, 1, 1], [0, 0, 0, 255], [0, 2, 0, 0]])
+    bg = np.array([[5, 5, 5, 7], [5, 7, 7, 7], [7, 7, 7, 7]])
+    pred = np.array([[1, 0, 1, 0], [1, 1, 0, 2], [1, 2, 2, 1]])
+    counts = cobg_counts(pred, gt, bg, cobg=[5, 7])
+    # class 0 (label 1): gt-background pixels on texture 5: (0,0),(0,1),(1,0) → predicted 1 at (0,0),(1,0).
+    # class 1 (label 2): gt-background pixels on texture 7: (1,1),(1,2),(2,0),(2,2),(2,3) → predicted 2 at (2,2).
+    np.testing.assert_array_equal(counts, [[2, 3], [1, 5]])
+    # A class absent from the image counts nothing, whatever the prediction says.
+    np.testing.assert_array_equal(cobg_counts(pred, np.where(gt == 2, 0, gt), bg, [5, 7])[1], [0, 0])
+
+
+def _tiny(stage: str, config: str) -> list[str]:
+    """CI-sized overrides per stage kind: small world, a few steps, small inputs."""
+    data = [
+        *(f"data.toy.{k}={v}" for k, v in TOY_PARAMS.items()),
+        "data.crop_size=64",
+        "data.resize_long=[48,80]",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.scales=[1.0,0.5]",
+    ]
+    if config == "toyclip":
+        return [
+            "train.steps=3",
+            "train.batch_size=8",
+            "eval.per_kind=2",
+            "eval.scenes=4",
+            "world.size=64",
+            "crop_size=64",
+            "resize_long=[48,80]",
+            "checkpoint=${paths.cache_dir}/toyclip/tiny.pt",
+            "metrics=${paths.cache_dir}/toyclip/tiny.json",
+        ]
+    if config == "train":
+        return [
+            *data,
+            "trainer.max_steps=3",
+            "trainer.max_epochs=-1",
+            "trainer.enable_progress_bar=false",
+            "trainer.limit_val_batches=0",
+            *(["clip.pretrained=${paths.cache_dir}/toyclip/tiny.pt"] if stage == "clims" else []),
+        ]
+    if config == "infer":
+        return [
+            *data,
+        ]
+    return data
+
+
+@pytest.mark.slow
+def test_toy_demo_pipeline_at_ci_size(tmp_path: Path) -> None:
+    cfg = compose_config("reproduce", tmp_path, ["experiment=toy_demo"])
+    with open_dict(cfg):
+        stages = cfg.pipeline.stages
+        stages.toyclip.outputs = ["${paths.cache_dir}/toyclip/tiny.pt"]
+        for name, node in stages.items():
+            node.overrides = [*(node.get("overrides") or []), *_tiny(name, node.config)]
+    manifests = run(cfg)
+    assert all(m["finished"] for m in manifests.values())
+    results = json.loads((Path(cfg.run_dir) / "demo" / "demo_results.json").read_text())
+    for key in ("baseline_miou", "clims_miou", "baseline_cobg_fa", "clims_cobg_fa", "wall_s"):
+        assert key in results
+    assert 0.0 <= results["baseline_miou"] <= 100.0 and 0.0 <= results["clims_miou"] <= 100.0
+    # The numbers come from the evaluation stages' files.
+    cams_json = json.loads((Path(cfg.run_dir) / "eval_clims" / "metrics" / "cams.json").read_text())
+    assert results["clims_miou"] == pytest.approx(100 * cams_json["best_miou"])
+    assert (Path(cfg.run_dir) / "demo" / "demo_table.md").read_text().count("|") > 10
+    assert any((Path(cfg.run_dir) / "demo" / "overlays" / "clims").glob("*.png"))
+    # Rerunning skips every stage.
+    again = run(cfg)
+    assert {k: v["wall_s"] for k, v in again.items()} == {k: v["wall_s"] for k, v in manifests.items()}
