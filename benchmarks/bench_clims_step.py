@@ -66,8 +66,8 @@ def synthetic_batch(args: argparse.Namespace, num_classes: int) -> tuple[torch.T
     return images.to(args.device), labels.to(args.device)
 
 
-def build_step(args: argparse.Namespace) -> Callable[[], None]:
-    """The training step of ``args.path`` as a closure over its net, optimiser, CLIP and inputs."""
+def build_step(args: argparse.Namespace) -> tuple[Callable[[], None], int]:
+    """The training step of ``args.path`` (a closure over net, optimiser, CLIP, inputs) and its pair count K."""
     torch.manual_seed(args.seed)
     bank = load_prompt_bank("voc")
     net = CAMNet(args.backbone, num_classes=len(bank.classes), pretrained=False, bn_mode="train").to(args.device)
@@ -101,14 +101,14 @@ def build_step(args: argparse.Namespace) -> Callable[[], None]:
         optimizer.step()
         scheduler.step()
 
-    return step
+    return step, int(labels.sum())
 
 
 def measure(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     import_rss = _peak_rss_mb()  # torch + open_clip + timm alone are most of a GB
-    step = build_step(args)
+    step, pairs = build_step(args)
     for _ in range(args.warmup):
         step()
     times = []
@@ -131,6 +131,7 @@ def measure(args: argparse.Namespace) -> dict:
         "backbone": args.backbone,
         "crop": args.crop,
         "batch": args.batch,
+        "pairs": pairs,
         "steps": args.steps,
         "threads": torch.get_num_threads(),
         "device": args.device,

@@ -158,3 +158,11 @@ def test_paper_experiment_has_reference_numbers(compose_cfg):
     loss = cfg.model.objective
     assert (loss.alpha, loss.beta, loss.gamma, loss.delta, loss.cbs_threshold) == (10, 24, 1, 0.2, 0.26)
     assert cfg.data.prompts == "voc"
+
+
+def test_toy_experiment_composes(compose_cfg):
+    cfg = compose_cfg("train", ["experiment=toy_clims", "model.init_ckpt=/some/cam.ckpt"])
+    clip = cfg.model.objective.evaluator
+    assert (clip.model, clip.pretrained, clip.precision) == ("clims-tiny-vit", None, "fp32")
+    assert cfg.model.net.backbone == "resnet18" and cfg.model.net.bn_mode == "train"
+    assert cfg.data.prompts == "toy" and cfg.model.init_ckpt == "/some/cam.ckpt"

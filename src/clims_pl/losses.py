@@ -41,7 +41,7 @@ def cbs_loss(s_fg_bg: torch.Tensor, threshold: float) -> torch.Tensor:
     grows with K; the reference default τ is 0.26 on VOC.
     """
     mask = (s_fg_bg > threshold).to(s_fg_bg.dtype)
-    return -(torch.log(1 - s_fg_bg) * mask).sum()
+    return (mask * -torch.log(1 - s_fg_bg)).sum()
 
 
 def area_reg(maps: torch.Tensor) -> torch.Tensor:
