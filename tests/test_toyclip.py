@@ -46,15 +46,15 @@ TINY = [
 def test_multi_positive_loss_matches_hand_computation() -> None:
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     ev = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
-    # image→concepts: only row 0 has evidence; target (½, 0, ½) over softmax of (2, 0, 1).
+    # image→concepts: only row 0 has evidence; target (½, 0, ½) over softmax of (2, 0, 1); KL = CE − log 2.
     lse = math.log(math.e**2 + 1 + math.e)
-    i2t = 0.5 * (lse - 2) + 0.5 * (lse - 1)
-    # concepts→images: concepts 0 and 2 have evidence (image 0 only); concept 1 none, skipped.
+    i2t = 0.5 * (lse - 2) + 0.5 * (lse - 1) - math.log(2)
+    # concepts→images: concepts 0 and 2 have evidence (image 0 only, entropy 0); concept 1 none, skipped.
     t2i = 0.5 * (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1)))
     assert float(multi_positive_loss(logits, ev)) == pytest.approx(0.5 * (i2t + t2i), rel=1e-6)
     # Duplicate positives are not negatives: two identical images with the same caption, perfect logits.
     same = multi_positive_loss(torch.tensor([[10.0, -10.0], [10.0, -10.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
-    assert float(same) == pytest.approx(0.5 * math.log(2), abs=1e-6)  # t2i: two equal positives, ½ each → log 2
+    assert float(same) == pytest.approx(0.0, abs=1e-6)  # t2i target (½, ½) met exactly: not penalised
 
 
 def test_range_loss_and_evidence_by_hand() -> None:

@@ -98,13 +98,14 @@ def _method_row(name: str, eval_dir: Path, cam_dir: Path, root: Path, ids: list[
     }
 
 
-def _stage_miou(run_dir: Path, stage: str | None, file: str) -> float | None:
-    if not stage:
+def _stage_miou(run_dir: Path, stage: str | None, file: str, key: str = "miou") -> float | None:
+    """mIoU (percent) at ``key`` (dotted path) of ``<run_dir>/<stage>/metrics/<file>``; None if not run."""
+    path = run_dir / stage / "metrics" / file if stage else None
+    if path is None or not path.is_file():
         return None
-    path = run_dir / stage / "metrics" / file
-    if not path.is_file():
-        return None
-    value = json.loads(path.read_text()).get("miou")
+    value: Any = json.loads(path.read_text())
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
     return None if value is None else 100.0 * value
 
 
@@ -130,14 +131,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "clims_cobg_fa": rows[1]["cobg_fa"],
         "cobg_fa_per_class": {r["name"]: r["cobg_fa_per_class"] for r in rows},
         "pseudo_miou": _stage_miou(run_dir, d.get("pseudo_stage"), "pseudo.json"),
-        "seg_val_miou": _stage_miou(run_dir, d.get("seg_stage"), "seg_val.json"),
+        "seg_val_miou": _stage_miou(run_dir, d.get("seg_stage"), "seg_val.json", "plain.miou"),
+        "seg_val_crf_miou": _stage_miou(run_dir, d.get("seg_stage"), "seg_val.json", "crf.miou"),
         "wall_s": round(wall, 1),
         "run_dir": str(run_dir),
     }
     table = demo_table(rows)
     extra = [f"pseudo labels (IRN random walk) mIoU: {_pct(results['pseudo_miou'])}"] if results["pseudo_miou"] else []
     if results["seg_val_miou"] is not None:
-        extra.append(f"DeepLab on pseudo labels, val mIoU: {_pct(results['seg_val_miou'])}")
+        extra.append(
+            f"DeepLab on pseudo labels, val mIoU: {_pct(results['seg_val_miou'])} "
+            f"(with dense CRF: {_pct(results['seg_val_crf_miou'])})"
+        )
     text = "\n".join(
         [f"# clims-pl demo on the toy world ({len(ids)} {cfg.data.eval_split} images)", "", table, "", *extra]
     )

@@ -11,22 +11,33 @@ match, so
 * a killed stage has no finished manifest and runs again, training stages resuming from their ``last.ckpt``
   (their overrides say ``ckpt_path=last``) and per-image stages skipping the files already written;
 * a changed config of a stage wipes that stage's folder first, so no artifact of another config survives.
+
+Sweeps reach inside stages with ``pipeline.set.<stage>`` (a nested or dotted mapping appended to that stage's
+overrides: ``clims-reproduce -m experiment=toy_ablation pipeline.set.clims.loss.alpha=1,10``), and a stage with a
+``dir`` (an absolute folder instead of ``<run_dir>/<stage>``) is shared by every run that names it: the first sweep
+job trains the baseline there, the others find its manifest current and skip it. ``pipeline.logger`` picks the
+logger option of every stage that has a ``logger`` group, and ``pipeline.wandb_group`` the wandb group they join.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib
 import json
+import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
@@ -48,20 +59,123 @@ class Stage:
     after: tuple[str, ...]
     overrides: tuple[str, ...]
     outputs: tuple[str, ...]  # paths (relative to the stage dir) whose fingerprints define the stage's result
+    dir: str | None = None  # absolute stage folder shared by several runs; None = <run_dir>/<name>
 
     @classmethod
-    def from_config(cls, name: str, node: DictConfig) -> Stage:
-        unknown = set(node) - {"config", "target", "after", "overrides", "outputs"}
+    def from_config(cls, name: str, node: DictConfig, extra: Iterable[str] = ()) -> Stage:
+        """``pipeline.stages.<name>``; ``extra`` overrides (pipeline.set, logger) come after the stage's own."""
+        unknown = set(node) - {"config", "target", "after", "overrides", "outputs", "dir"}
         if unknown:
             raise ValueError(f"pipeline.stages.{name}: unknown keys {sorted(unknown)}")
+        folder = node.get("dir")
+        if folder is not None and not Path(folder).is_absolute():
+            raise ValueError(
+                f"pipeline.stages.{name}.dir={folder}: must be an absolute folder, e.g. ${{paths.root_dir}}/runs/shared/{name}"
+            )
         return cls(
             name=name,
             config=node.config,
             target=node.target,
             after=tuple(node.get("after") or ()),
-            overrides=tuple(str(o) for o in node.get("overrides") or ()),
+            overrides=(*(str(o) for o in node.get("overrides") or ()), *extra),
             outputs=tuple(node.get("outputs") or ()),
+            dir=None if folder is None else str(folder),
         )
+
+    def folder(self, run_dir: Path) -> Path:
+        return Path(self.dir) if self.dir else run_dir / self.name
+
+
+_PLAIN = re.compile(r"[A-Za-z_/][\w./@:+-]*")
+_KEYWORDS = {"true", "false", "null", "nan", "inf"}
+_PARSER = OverridesParser.create()
+
+
+def hydra_value(value: Any) -> str:
+    """A Python value (from ``OmegaConf.to_container``) in Hydra's override grammar: the same value once parsed."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    text = str(value)
+    if _PLAIN.fullmatch(text) and text.lower() not in _KEYWORDS:
+        return text
+    # Inside quotes Hydra unescapes only backslashes that precede a quote (or the closing quote).
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body) + "'"
+
+
+def set_overrides(settings: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``{loss: {alpha: 1}, "data.batch_size": 8}`` → ``["loss.alpha=1", "data.batch_size=8"]``.
+
+    Nested and dotted keys both reach a stage key; a key may carry Hydra's ``+``/``++`` prefix to add a key the
+    stage config lacks. A string value that names a group option (``clip: tiny``) selects it.
+    """
+    out: list[str] = []
+    for key, value in settings.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out += set_overrides(value, path)
+        else:
+            out.append(f"{path}={hydra_value(value)}")
+    return out
+
+
+def default_groups(config: str) -> set[str]:
+    """Config groups listed in the defaults of root config ``conf/<config>.yaml`` (e.g. {data, logger, ...})."""
+    defaults = OmegaConf.load(CONF_DIR / f"{config}.yaml").get("defaults") or []
+    return {str(k).removeprefix("override ") for d in defaults if isinstance(d, Mapping) for k in d}
+
+
+def logger_overrides(config: str, logger: str | None, wandb_group: str | None) -> list[str]:
+    """``logger=<option>`` for a stage whose root config has a logger group (train, eval); if that option logs to
+    wandb, its runs join ``wandb_group`` so that every stage of a run (every job of a sweep) is shown together."""
+    if not logger or "logger" not in default_groups(config):
+        return []
+    out = [f"logger={logger}"]
+    option = OmegaConf.load(CONF_DIR / "logger" / f"{logger}.yaml")
+    if wandb_group and ("wandb" in option or "wandb" in (option.get("defaults") or [])):
+        out.append(f"logger.wandb.group={hydra_value(str(wandb_group))}")
+    return out
+
+
+def check_plain_folder(key: str, folder: str | Path) -> None:
+    """Stage overrides embed run_dir and stage dirs as typed (``ckpt=${run_dir}/...``), so Hydra must read them back
+    unquoted; a sweep subdir named ``0_a=1,b=2`` (Hydra's override_dirname) would not be."""
+    try:
+        same = _PARSER.parse_override(f"k={folder}").value() == str(folder)
+    except HydraException:
+        same = False
+    if not same:
+        raise ValueError(
+            f"{key}={folder}: stage overrides embed this folder and Hydra cannot read it back ('=', ',', quotes or "
+            "brackets in it); use a plainer name, e.g. hydra.sweep.subdir=${hydra.job.num}"
+        )
+
+
+def stages_from_config(pipeline: DictConfig) -> list[Stage]:
+    """The stages of ``cfg.pipeline``, each with its ``pipeline.set.<stage>`` and logger overrides appended."""
+    nodes = {name: node for name, node in pipeline.stages.items() if node is not None}
+    settings = OmegaConf.to_container(pipeline.get("set") or OmegaConf.create(), resolve=True)
+    # A stage switched off (null) keeps its settings unused; a name that is no stage at all is a typo.
+    unknown = sorted(set(settings) - set(pipeline.stages))
+    if unknown:
+        raise ValueError(f"pipeline.set: no stage named {unknown}; stages of this pipeline: {', '.join(nodes)}")
+    logger, group = pipeline.get("logger"), pipeline.get("wandb_group")
+    return [
+        Stage.from_config(
+            name,
+            node,
+            [*set_overrides(settings.get(name) or {}), *logger_overrides(node.config, logger, group)],
+        )
+        for name, node in nodes.items()
+    ]
 
 
 def fingerprint(paths: Iterable[Path]) -> str:
@@ -79,12 +193,19 @@ def fingerprint(paths: Iterable[Path]) -> str:
 
 
 def config_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved config. The ``logger`` group is left out: where a stage logs to does not change what
+    it produces, so switching to wandb (or another wandb group) reruns nothing."""
+    if "logger" in cfg:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.pop("logger")
     return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
 
 
 def compose_stage(stage: Stage, stage_dir: Path, root_dir: Path, common: Iterable[str]) -> DictConfig:
     """The stage's full config: its root config + the pipeline's common overrides + its own, rooted in stage_dir."""
-    overrides = [*common, *stage.overrides, f"paths.root_dir={root_dir}", f"paths.output_dir={stage_dir}"]
+    paths = [f"paths.root_dir={hydra_value(str(root_dir))}", f"paths.output_dir={hydra_value(str(stage_dir))}"]
+    overrides = [*common, *stage.overrides, *paths]
     if GlobalHydra.instance().is_initialized():
         cfg = compose(config_name=stage.config, overrides=overrides)
     else:
@@ -137,46 +258,78 @@ def run_pipeline(
     forced = plan(stages, from_stage, only)
     manifests: dict[str, dict[str, Any]] = {}
     for stage in stages:
-        stage_dir = run_dir / stage.name
         missing = [d for d in stage.after if d not in manifests]
         if missing:
             raise ValueError(f"stage {stage.name!r} runs after {missing}, which must come earlier in the stage list")
-        cfg = compose_stage(stage, stage_dir, root_dir, common)
-        cfg_hash = config_hash(cfg)
-        inputs = {d: manifests[d]["outputs_fingerprint"] for d in stage.after}
-        outputs = [stage_dir / o for o in stage.outputs]
-        old = read_manifest(stage_dir)
-        if only and stage.name not in only:
-            if old is None:
-                raise RuntimeError(f"--only {only}: stage {stage.name!r} has not run yet in {run_dir}; run it first")
-            manifests[stage.name] = old
-            continue
-        if stage.name not in forced and is_current(old, cfg_hash, inputs, fingerprint(outputs)):
-            console.print(f"[green]✓ {stage.name}[/green] up to date ({old['wall_s']:.1f} s when it ran) — skipped")
-            manifests[stage.name] = old
-            continue
-        if old is not None and old.get("config_hash") != cfg_hash and stage_dir.exists():
-            console.print(f"[yellow]{stage.name}: config changed, clearing {stage_dir}[/yellow]")
-            shutil.rmtree(stage_dir)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        console.rule(f"stage {stage.name}")
-        start = time.perf_counter()
-        module_name, func_name = stage.target.split(":")
-        result = getattr(importlib.import_module(module_name), func_name)(cfg)
-        manifest = {
-            "stage": stage.name,
-            "config_hash": cfg_hash,
-            "inputs": inputs,
-            "outputs": list(stage.outputs),
-            "outputs_fingerprint": fingerprint(outputs),
-            "finished": True,
-            "wall_s": round(time.perf_counter() - start, 2),
-            "metrics": _jsonable(result),
-        }
-        atomic_write_json(stage_dir / MANIFEST, manifest)
-        console.print(f"[green]✓ {stage.name}[/green] done in {manifest['wall_s']:.1f} s")
-        manifests[stage.name] = manifest
+        stage_dir = stage.folder(run_dir)
+        with shared_stage_lock(stage, stage_dir):
+            manifests[stage.name] = _run_or_skip(stage, stage_dir, root_dir, common, manifests, forced, only)
     return manifests
+
+
+@contextmanager
+def shared_stage_lock(stage: Stage, stage_dir: Path) -> Iterator[None]:
+    """A stage with its own ``dir`` may be reached by several sweep jobs at once (a parallel launcher): they take
+    turns, so the first one runs it and the others then find its manifest current and skip it."""
+    if stage.dir is None:
+        yield
+        return
+    stage_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(stage_dir.parent / f".{stage_dir.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_or_skip(
+    stage: Stage,
+    stage_dir: Path,
+    root_dir: Path,
+    common: Iterable[str],
+    manifests: dict[str, dict[str, Any]],
+    forced: set[str],
+    only: list[str] | None,
+) -> dict[str, Any]:
+    cfg = compose_stage(stage, stage_dir, root_dir, common)
+    cfg_hash = config_hash(cfg)
+    inputs = {d: manifests[d]["outputs_fingerprint"] for d in stage.after}
+    outputs = [stage_dir / o for o in stage.outputs]
+    old = read_manifest(stage_dir)
+    if only and stage.name not in only:
+        if old is None:
+            raise RuntimeError(f"--only {only}: stage {stage.name!r} has not run yet in {stage_dir}; run it first")
+        return old
+    if stage.name not in forced and is_current(old, cfg_hash, inputs, fingerprint(outputs)):
+        console.print(f"[green]✓ {stage.name}[/green] up to date ({old['wall_s']:.1f} s when it ran) — skipped")
+        return old
+    if old is not None and old.get("config_hash") != cfg_hash and stage_dir.exists():
+        if stage.dir is not None and old.get("finished"):
+            raise RuntimeError(
+                f"shared stage {stage.name!r} in {stage_dir} was run with another config ({old.get('config_hash')}, "
+                f"now {cfg_hash}): runs sharing a stage must not change it; delete that folder or set another dir"
+            )
+        console.print(f"[yellow]{stage.name}: config changed, clearing {stage_dir}[/yellow]")
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    console.rule(f"stage {stage.name}")
+    start = time.perf_counter()
+    module_name, func_name = stage.target.split(":")
+    result = getattr(importlib.import_module(module_name), func_name)(cfg)
+    manifest = {
+        "stage": stage.name,
+        "config_hash": cfg_hash,
+        "inputs": inputs,
+        "outputs": list(stage.outputs),
+        "outputs_fingerprint": fingerprint(outputs),
+        "finished": True,
+        "wall_s": round(time.perf_counter() - start, 2),
+        "metrics": _jsonable(result),
+    }
+    atomic_write_json(stage_dir / MANIFEST, manifest)
+    console.print(f"[green]✓ {stage.name}[/green] done in {manifest['wall_s']:.1f} s")
+    return manifest
 
 
 def _jsonable(result: Any) -> dict[str, Any]:
@@ -189,9 +342,13 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Entry of ``clims-reproduce`` / ``clims-demo``: the stages of ``cfg.pipeline`` in ``cfg.run_dir``."""
     prepare_run(cfg)
     p = cfg.pipeline
-    stages = [Stage.from_config(name, node) for name, node in p.stages.items() if node is not None]
+    stages = stages_from_config(p)
     if not stages:
         raise ValueError("pipeline.stages is empty: pick an experiment, e.g. experiment=paper_voc or toy_demo")
+    check_plain_folder("run_dir", cfg.run_dir)
+    for stage in stages:
+        if stage.dir:
+            check_plain_folder(f"pipeline.stages.{stage.name}.dir", stage.dir)
     only = list(p.only) if p.get("only") else None
     return run_pipeline(
         stages,

@@ -322,23 +322,25 @@ class CaptionSampler:
 
 # ------------------------------------------------------------------------------------------------- losses
 def multi_positive_loss(logits: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
-    """Symmetric CLIP loss with soft, multiple positives: ½(CE image→concepts + CE concept→images).
+    """Symmetric CLIP loss with soft, multiple positives: ½(KL image→concepts + KL concept→images).
 
     ``logits`` (B, K) = logit_scale·cos(image_b, concept_k); ``evidence`` (B, K) ≥ 0. Each row (image) is a
     softmax over the K concepts with target = its evidence normalised to sum 1; each column (concept) a
     softmax over the B images with target = that concept's evidence over the batch normalised. Rows/columns
     without evidence (a fully masked image, a concept absent from the batch) have no target and are skipped.
+    KL = cross-entropy − target entropy: the same gradients, but 0 at the optimum, so the logged value says
+    how far the teacher is from its targets (cross-entropy with several positives never reaches 0).
     """
-    return 0.5 * (_soft_cross_entropy(logits, evidence) + _soft_cross_entropy(logits.T, evidence.T))
+    return 0.5 * (_soft_kl(logits, evidence) + _soft_kl(logits.T, evidence.T))
 
 
-def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _soft_kl(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     mass = target.sum(1)
     keep = mass > 0
     if not keep.any():
         return logits.sum() * 0.0
     p = target[keep] / mass[keep, None]
-    return -(p * logits[keep].log_softmax(1)).sum(1).mean()
+    return (torch.special.xlogy(p, p) - p * logits[keep].log_softmax(1)).sum(1).mean()
 
 
 def range_loss(cosine: torch.Tensor, evidence: torch.Tensor, sim_range: Sequence[float]) -> torch.Tensor:

@@ -45,8 +45,8 @@ class CAMNet(nn.Module):
         if bn_mode not in ("fixed", "train"):
             raise ValueError(f"model.net.bn_mode must be 'fixed' or 'train', got {bn_mode!r}")
         self.bn_mode = bn_mode
-        self.backbone = _create_trunk(backbone, pretrained, pretrained_tag)
-        _set_layer4_stride1(self.backbone)
+        self.backbone = create_trunk(backbone, pretrained, pretrained_tag)
+        set_layer4_stride1(self.backbone)
         self.classifier = nn.Conv2d(self.backbone.num_features, num_classes, kernel_size=1, bias=False)
         if freeze_stem:
             for module in (self.backbone.conv1, self.backbone.bn1):
@@ -101,7 +101,7 @@ class CAMNet(nn.Module):
         return state
 
 
-def _create_trunk(backbone: str, pretrained: bool | str, tag: str) -> nn.Module:
+def create_trunk(backbone: str, pretrained: bool | str, tag: str) -> nn.Module:
     """timm ResNet without head; pretrained weights from the hub (tag) or a local file, with a clear offline error."""
     if not backbone.startswith(("resnet", "resnext", "wide_resnet")):
         raise ValueError(f"model.net.backbone={backbone!r}: CAMNet expects a timm ResNet (resnet50, resnet18, ...)")
@@ -130,7 +130,7 @@ def _create_trunk(backbone: str, pretrained: bool | str, tag: str) -> nn.Module:
         ) from err
 
 
-def _set_layer4_stride1(trunk: nn.Module) -> None:
+def set_layer4_stride1(trunk: nn.Module) -> None:
     """Make layer4 keep resolution with no dilation (reference strides (2,2,2,1), output stride 16)."""
     first_block = trunk.layer4[0]
     for module in first_block.modules():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clims_pl.models.cam_net import _create_trunk
+from clims_pl.models.cam_net import create_trunk
 
 
 class ASPP(nn.Module):
@@ -67,7 +67,7 @@ class DeepLabV2(nn.Module):
         msc_scales: Sequence[float] = (0.5, 0.75),
     ) -> None:
         super().__init__()
-        self.backbone = _create_trunk(backbone, pretrained, pretrained_tag)
+        self.backbone = create_trunk(backbone, pretrained, pretrained_tag)
         self.backbone.maxpool.ceil_mode = True
         _dilate(self.backbone.layer3, 2)
         _dilate(self.backbone.layer4, 4)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clims_pl.models.cam_net import _create_trunk, _set_layer4_stride1
+from clims_pl.models.cam_net import create_trunk, set_layer4_stride1
 
 
 def _edge_head(in_channels: int, upsample: int) -> nn.Sequential:
@@ -44,8 +44,8 @@ class IRNet(nn.Module):
         inference_pad: int | None = 512,
     ) -> None:
         super().__init__()
-        self.backbone = _create_trunk(backbone, pretrained, pretrained_tag)
-        _set_layer4_stride1(self.backbone)
+        self.backbone = create_trunk(backbone, pretrained, pretrained_tag)
+        set_layer4_stride1(self.backbone)
         self.backbone.requires_grad_(False)
         self.inference_pad = inference_pad
         channels = [info["num_chs"] for info in self.backbone.feature_info]  # stem, layer1..layer4

@@ -1,0 +1,236 @@
+"""Ablation sweeps: the aggregated table (hand-made sweep, wandb offline), the sweep configs as `make ablation`
+composes them, and a real 2-job toy multirun at CI size whose table is read back from the jobs' files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import compose_config
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from test_demo import _tiny
+
+from clims_pl.ablation import aggregate, main
+from clims_pl.config import CONF_DIR
+from clims_pl.pipeline import compose_stage, stages_from_config
+
+REPO = CONF_DIR.parent
+PAPER_ORDER = ["otm", "otm_btm", "otm_btm_reg", "otm_btm_reg_cbs"]
+
+
+def _write_yaml(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(obj))
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _fake_job(sweep: Path, folder: str, num: int, variant: str, metrics: dict | None, cobg: float | None) -> Path:
+    """A job folder as Hydra + the pipeline leave it: .hydra/{hydra,overrides}.yaml, config.yaml, stage manifests."""
+    job = sweep / folder
+    labels = {"otm": "OTM", "otm_btm": "OTM+BTM", "otm_btm_reg_cbs": "OTM+BTM+REG+CBS"}
+    _write_yaml(job / ".hydra" / "hydra.yaml", {"hydra": {"job": {"num": num}}})
+    _write_yaml(job / ".hydra" / "overrides.yaml", ["experiment=toy_ablation", f"ablation={variant}"])
+    stage = {"config": "eval", "target": "clims_pl.evaluate:run"}
+    config = {
+        "run_dir": str(job),
+        "ablation": {"label": labels[variant]},
+        "ablation_sweep": {"title": "toy loss ablation", "eval_stage": "eval_clims", "demo_stage": "demo"},
+        "pipeline": {"stages": {"eval_clims": stage, "demo": {**stage, "dir": str(sweep / f"demo{num}")}}},
+    }
+    _write_yaml(job / "config.yaml", config)
+    if metrics is not None:
+        _write_json(job / "eval_clims" / "manifest.json", {"finished": True, "metrics": metrics})
+    if cobg is not None:
+        _write_json(sweep / f"demo{num}" / "manifest.json", {"finished": True, "metrics": {"clims_cobg_fa": cobg}})
+    return job
+
+
+def _hand_made_sweep(sweep: Path) -> None:
+    # Folders sort differently from job numbers: rows must follow the job numbers (the sweep's order).
+    _fake_job(sweep, "b_last", 2, "otm_btm_reg_cbs", None, None)  # died before its evaluation
+    _fake_job(sweep, "c_first", 0, "otm", {"best_miou": 0.4012, "best_threshold": 0.2, "miou": 0.38, "threshold": 0.15}, 31.5)
+    _fake_job(sweep, "a_mid", 1, "otm_btm", {"best_miou": 0.45, "best_threshold": 0.25, "miou": 0.4, "threshold": 0.15}, 20.0)
+
+
+def test_table_from_a_hand_made_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    _hand_made_sweep(sweep)
+    main([str(sweep), "--no-wandb"])
+    rows = list(csv.DictReader((sweep / "ablation.csv").open()))
+    assert [r["job"] for r in rows] == ["0", "1", "2"]
+    assert [r["ablation"] for r in rows] == ["OTM", "OTM+BTM", "OTM+BTM+REG+CBS"]
+    assert float(rows[0]["miou_best"]) == pytest.approx(40.12)
+    assert float(rows[1]["miou"]) == pytest.approx(40.0)
+    assert float(rows[1]["cobg_fa"]) == pytest.approx(20.0)
+    assert math.isnan(float(rows[2]["miou_best"])) and rows[2]["status"] == "eval_clims not finished; demo not finished"
+    md = (sweep / "ablation.md").read_text()
+    assert md.startswith("# toy loss ablation\n")
+    assert "| job | ablation | CAM mIoU best (thr) | CAM mIoU @ 0.15 | co-occurring-bg false activation (%) |" in md
+    assert "| 0 | OTM | 40.1 (0.20) | 38.0 | 31.5 |" in md
+    assert "| 2 (eval_clims not finished; demo not finished) | OTM+BTM+REG+CBS | — (—) | — | — |" in md
+
+
+def test_cli_help_and_bad_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0 and "ablation.md" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no job folders"):
+        main([str(tmp_path)])
+
+
+def test_wandb_table_offline(tmp_path: Path) -> None:
+    """Jobs whose stages logged to wandb: the table goes to their group (WANDB_MODE=offline from conftest)."""
+    sweep = tmp_path / "sweep"
+    _hand_made_sweep(sweep)
+    logger = {"wandb": {"project": "clims-pl", "group": "toy_ablation_t0", "offline": True}}
+    _write_yaml(sweep / "c_first" / "eval_clims" / "config.yaml", {"logger": logger})
+    result = aggregate(sweep)
+    tables = list(result["wandb_run"].glob("files/media/table/ablation_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:2] == ["job", "ablation"]
+    assert [row[:2] for row in table["data"]] == [[0, "OTM"], [1, "OTM+BTM"], [2, "OTM+BTM+REG+CBS"]]
+    assert table["data"][0][table["columns"].index("miou_best")] == pytest.approx(40.12)
+    assert table["data"][2][table["columns"].index("miou_best")] is None
+
+
+def _makefile_args(target: str) -> list[str]:
+    """The clims-reproduce arguments of a Makefile target, with $(VOC_ROOT) and $(ARGS) filled in."""
+    text = (REPO / "Makefile").read_text()
+    recipe = re.search(rf"^{target}:.*\n\t(.+)$", text, re.M).group(1)
+    words = shlex.split(recipe.replace("$(VOC_ROOT)", "/data/VOC2012").replace("$(ARGS)", ""))
+    return words[words.index("$(BIN)/clims-reproduce") + 1 :]
+
+
+def test_make_ablation_composes(tmp_path: Path) -> None:
+    """`make ablation` = the 4 loss variants in the paper's order, each job's stages reading data_root."""
+    args = _makefile_args("ablation")
+    assert args[0] == "-m"
+    base = [*args[1:], f"paths.root_dir={tmp_path}", f"run_dir={tmp_path}/job"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("reproduce", overrides=base, return_hydra_config=True)
+        assert str(cfg.hydra.sweeper.params.ablation).split(",") == PAPER_ORDER
+        assert cfg.hydra.callbacks.ablation_table._target_ == "clims_pl.ablation.AblationTable"
+        enabled = {}
+        for variant in PAPER_ORDER:
+            job = compose("reproduce", overrides=[*base, f"ablation={variant}"])
+            stages = {s.name: s for s in stages_from_config(job.pipeline)}
+            assert list(stages) == ["cam", "clims", "cams", "eval_cams"]
+            assert stages["cam"].dir == f"{tmp_path}/runs/voc_ablation_shared/cam"
+            clims = compose_stage(stages["clims"], tmp_path / "job" / "clims", tmp_path, [])
+            assert clims.model.init_ckpt == f"{tmp_path}/runs/voc_ablation_shared/cam/checkpoints/last.ckpt"
+            loss = clims.loss
+            enabled[variant] = [loss.enable_otm, loss.enable_btm, loss.enable_reg, loss.enable_cbs]
+            assert (loss.alpha, loss.beta, loss.gamma, loss.delta) == (10.0, 24.0, 1.0, 0.2)
+            cams = compose_stage(stages["cams"], tmp_path / "job" / "cams", tmp_path, [])
+            assert cams.infer.split == "train"
+            for stage in stages.values():
+                assert compose_stage(stage, tmp_path / stage.name, tmp_path, []).data.root == "/data/VOC2012"
+    assert enabled == {
+        "otm": [True, False, False, False],
+        "otm_btm": [True, True, False, False],
+        "otm_btm_reg": [True, True, True, False],
+        "otm_btm_reg_cbs": [True, True, True, True],
+    }
+
+
+def test_weight_grid_reaches_the_clims_stage(tmp_path: Path) -> None:
+    """Each key of the weight grid exists (no `+` needed) and lands in the clims stage's loss."""
+    base = ["experiment=ablation_weights", f"paths.root_dir={tmp_path}", f"run_dir={tmp_path}/job"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        params = compose("reproduce", overrides=base, return_hydra_config=True).hydra.sweeper.params
+        grid = {k.rsplit(".", 1)[1]: [float(v) for v in str(params[k]).split(",")] for k in params if "loss" in k}
+        assert grid == {
+            "alpha": [5, 10, 20],
+            "beta": [12, 24, 48],
+            "gamma": [0.5, 1, 2],
+            "delta": [0.1, 0.2, 0.4],
+        }
+        assert params.ablation == "otm_btm_reg_cbs"
+        picked = [f"pipeline.set.clims.loss.{k}={v[0]}" for k, v in grid.items()]
+        job = compose("reproduce", overrides=[*base, *picked])
+        clims = next(s for s in stages_from_config(job.pipeline) if s.name == "clims")
+        loss = compose_stage(clims, tmp_path / "clims", tmp_path, []).loss
+    assert (loss.alpha, loss.beta, loss.gamma, loss.delta) == (5.0, 12.0, 0.5, 0.1)
+    assert loss.enable_btm and loss.enable_cbs
+
+
+def _ci_experiment(folder: Path, toy_root: Path) -> None:
+    """experiment=toy_ablation_ci: toy_ablation with every stage shrunk as tests/test_demo.py does (pipeline.set)."""
+    probe = compose_config("reproduce", folder, ["experiment=toy_ablation", f"run_dir={folder}"])
+    shrink: dict[str, dict] = {}
+    for name, node in probe.pipeline.stages.items():
+        pairs = (o.split("=", 1) for o in _tiny(name, node.config))
+        shrink[name] = {key: yaml.safe_load(value) for key, value in pairs}
+        if node.config != "toyclip":
+            shrink[name]["data.root"] = str(toy_root)
+    shrink["clims"]["trainer.max_steps"] = 2
+    text = "# @package _global_\n" + yaml.safe_dump(
+        {
+            "defaults": ["toy_ablation", "_self_"],
+            "pipeline": {
+                "set": shrink,
+                "stages": {"toyclip": {"outputs": ["${paths.cache_dir}/toyclip/tiny.pt"]}},
+            },
+        }
+    )
+    (folder / "experiment").mkdir(parents=True)
+    (folder / "experiment" / "toy_ablation_ci.yaml").write_text(text)
+
+
+@pytest.mark.slow
+def test_toy_grid_two_jobs(
+    tmp_path: Path, toy_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`clims-reproduce -m experiment=toy_ablation ablation=otm,otm_btm_reg_cbs` at CI size, in this process."""
+    from clims_pl.cli import reproduce_main
+
+    _ci_experiment(tmp_path / "conf", toy_root)
+    sweep = tmp_path / "sweep"
+    argv = [
+        "clims-reproduce",
+        "-m",
+        "experiment=toy_ablation_ci",
+        "ablation=otm,otm_btm_reg_cbs",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.root_dir={tmp_path}",
+        "print_config=false",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        reproduce_main()
+    finally:
+        GlobalHydra.instance().clear()
+    out = capsys.readouterr().out
+    # The shared baseline ran once (job 0) and was skipped by its manifest in job 1.
+    assert out.count("✓ cam up to date") == 1 and out.count("✓ toyclip up to date") == 1
+    shared = tmp_path / "runs" / "toy_ablation_shared"
+    assert (shared / "cam" / "manifest.json").is_file() and not list(sweep.glob("*/cam"))
+    rows = list(csv.DictReader((sweep / "ablation.csv").open()))
+    assert [(r["job"], r["ablation"], r["status"]) for r in rows] == [("0", "OTM", "ok"), ("1", "OTM+BTM+REG+CBS", "ok")]
+    for row in rows:
+        run_dir = Path(row["run_dir"])
+        assert run_dir.parent == sweep
+        cams = json.loads((run_dir / "eval_clims" / "metrics" / "cams.json").read_text())
+        demo = json.loads((run_dir / "demo" / "demo_results.json").read_text())
+        assert float(row["miou_best"]) == pytest.approx(100 * cams["best_miou"])
+        assert float(row["best_threshold"]) == pytest.approx(cams["best_threshold"])
+        assert float(row["miou"]) == pytest.approx(100 * cams["miou"]) and float(row["threshold"]) == 0.15
+        assert float(row["cobg_fa"]) == pytest.approx(demo["clims_cobg_fa"])
+        config = OmegaConf.load(run_dir / "clims" / "config.yaml")
+        assert config.loss.enable_btm == (row["ablation"] != "OTM")
+    assert (sweep / "ablation.md").read_text().count("\n| ") == 3  # header + 2 jobs
