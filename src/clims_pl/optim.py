@@ -7,10 +7,14 @@ that; ``False`` uses the intended ``momentum`` (0.9) and changes the numbers.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+
+if TYPE_CHECKING:
+    from clims_pl.models.cam_net import CAMNet
 
 
 def poly_factor(step: int, max_steps: int, power: float) -> float:
@@ -40,3 +44,19 @@ def poly_sgd(
     optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=effective_momentum)
     scheduler = LambdaLR(optimizer, lambda t: poly_factor(t, max_steps, poly_power))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def cam_net_optimizer(net: CAMNet, cfg: Mapping[str, Any], max_steps: int) -> dict[str, Any]:
+    """Reference groups for CAM and CLIMS (§3, §4.1): trainable backbone at ``lr``, classifier at ``lr × mult``."""
+    backbone, classifier = net.param_groups()
+    return poly_sgd(
+        [
+            {"params": backbone, "lr": cfg["lr"]},
+            {"params": classifier, "lr": cfg["lr"] * cfg["classifier_lr_mult"]},
+        ],
+        weight_decay=cfg["weight_decay"],
+        momentum=cfg["momentum"],
+        reference_momentum_bug=cfg["reference_momentum_bug"],
+        poly_power=cfg["poly_power"],
+        max_steps=max_steps,
+    )

@@ -16,7 +16,7 @@ import torch
 
 from clims_pl.losses import TERMS, ClimsObjective
 from clims_pl.models.cam_net import CAMNet
-from clims_pl.optim import poly_sgd
+from clims_pl.optim import cam_net_optimizer
 
 _CLIP_PREFIX = "objective.evaluator."
 
@@ -75,19 +75,7 @@ class ClimsModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Reference §4.1: backbone lr, classifier ×10, L2 1e-4, poly 0.9, momentum quirk Q1. CLIP is excluded."""
-        cfg = self.hparams.optim
-        backbone, classifier = self.net.param_groups()
-        return poly_sgd(
-            [
-                {"params": backbone, "lr": cfg["lr"]},
-                {"params": classifier, "lr": cfg["lr"] * cfg["classifier_lr_mult"]},
-            ],
-            weight_decay=cfg["weight_decay"],
-            momentum=cfg["momentum"],
-            reference_momentum_bug=cfg["reference_momentum_bug"],
-            poly_power=cfg["poly_power"],
-            max_steps=int(self.trainer.estimated_stepping_batches),
-        )
+        return cam_net_optimizer(self.net, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop CLIP's weights: they are rebuilt from the config, and are never trained."""
