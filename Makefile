@@ -42,10 +42,10 @@ bench: $(STAMP) ## speed/memory benchmarks, JSON lines on stdout
 	@for b in benchmarks/bench_*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
 
 reproduce: $(STAMP) ## the paper table on PASCAL VOC 2012 (VOC_ROOT=...)
-	$(BIN)/clims-reproduce experiment=paper_voc data.root=$(VOC_ROOT) $(ARGS)
+	$(BIN)/clims-reproduce experiment=paper_voc data_root=$(VOC_ROOT) $(ARGS)
 
 ablation: $(STAMP) ## loss on/off and weight sweeps on VOC (VOC_ROOT=...)
-	$(BIN)/clims-reproduce -m experiment=ablation_losses data.root=$(VOC_ROOT) $(ARGS)
+	$(BIN)/clims-reproduce -m experiment=ablation_losses data_root=$(VOC_ROOT) $(ARGS)
 
 clean: ## remove the venv and generated outputs
 	rm -rf $(VENV) outputs multirun runs .pytest_cache .ruff_cache

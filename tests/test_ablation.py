@@ -16,10 +16,10 @@ import yaml
 from conftest import compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from test_demo import _tiny
 
-from clims_pl.ablation import aggregate, main
+from clims_pl.ablation import aggregate, find_jobs, main, wandb_target
 from clims_pl.config import CONF_DIR
 from clims_pl.pipeline import compose_stage, stages_from_config
 
@@ -61,8 +61,12 @@ def _fake_job(sweep: Path, folder: str, num: int, variant: str, metrics: dict | 
 def _hand_made_sweep(sweep: Path) -> None:
     # Folders sort differently from job numbers: rows must follow the job numbers (the sweep's order).
     _fake_job(sweep, "b_last", 2, "otm_btm_reg_cbs", None, None)  # died before its evaluation
-    _fake_job(sweep, "c_first", 0, "otm", {"best_miou": 0.4012, "best_threshold": 0.2, "miou": 0.38, "threshold": 0.15}, 31.5)
-    _fake_job(sweep, "a_mid", 1, "otm_btm", {"best_miou": 0.45, "best_threshold": 0.25, "miou": 0.4, "threshold": 0.15}, 20.0)
+    _fake_job(
+        sweep, "c_first", 0, "otm", {"best_miou": 0.4012, "best_threshold": 0.2, "miou": 0.38, "threshold": 0.15}, 31.5
+    )
+    _fake_job(
+        sweep, "a_mid", 1, "otm_btm", {"best_miou": 0.45, "best_threshold": 0.25, "miou": 0.4, "threshold": 0.15}, 20.0
+    )
 
 
 def test_table_from_a_hand_made_sweep(tmp_path: Path) -> None:
@@ -96,8 +100,9 @@ def test_wandb_table_offline(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     _hand_made_sweep(sweep)
     logger = {"wandb": {"project": "clims-pl", "group": "toy_ablation_t0", "offline": True}}
-    _write_yaml(sweep / "c_first" / "eval_clims" / "config.yaml", {"logger": logger})
+    _write_yaml(sweep / "c_first" / "eval_clims" / "config.yaml", {"logger": logger})  # as a training stage writes
     result = aggregate(sweep)
+    assert wandb_target(find_jobs(sweep)) == {"project": "clims-pl", "group": "toy_ablation_t0", "offline": True}
     tables = list(result["wandb_run"].glob("files/media/table/ablation_*.table.json"))
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
@@ -169,22 +174,20 @@ def test_weight_grid_reaches_the_clims_stage(tmp_path: Path) -> None:
 
 
 def _ci_experiment(folder: Path, toy_root: Path) -> None:
-    """experiment=toy_ablation_ci: toy_ablation with every stage shrunk as tests/test_demo.py does (pipeline.set)."""
+    """experiment=toy_ablation_ci: toy_ablation shrunk as tests/test_demo.py does (through pipeline.set), on the
+    session's toy world, one inference scale, and the random tiny CLIP instead of training the toy CLIP."""
     probe = compose_config("reproduce", folder, ["experiment=toy_ablation", f"run_dir={folder}"])
     shrink: dict[str, dict] = {}
     for name, node in probe.pipeline.stages.items():
-        pairs = (o.split("=", 1) for o in _tiny(name, node.config))
+        pairs = (o.split("=", 1) for o in _tiny(name, node.config) if not o.startswith("clip."))
         shrink[name] = {key: yaml.safe_load(value) for key, value in pairs}
-        if node.config != "toyclip":
-            shrink[name]["data.root"] = str(toy_root)
-    shrink["clims"]["trainer.max_steps"] = 2
+        shrink[name].update({"data.root": str(toy_root), "data.scales": [1.0]})
+    shrink["clims"].update({"clip": "tiny", "trainer.max_steps": 2})
+    del shrink["toyclip"]
     text = "# @package _global_\n" + yaml.safe_dump(
         {
             "defaults": ["toy_ablation", "_self_"],
-            "pipeline": {
-                "set": shrink,
-                "stages": {"toyclip": {"outputs": ["${paths.cache_dir}/toyclip/tiny.pt"]}},
-            },
+            "pipeline": {"set": shrink, "stages": {"toyclip": None, "clims": {"after": ["cam"]}}},
         }
     )
     (folder / "experiment").mkdir(parents=True)
@@ -195,7 +198,8 @@ def _ci_experiment(folder: Path, toy_root: Path) -> None:
 def test_toy_grid_two_jobs(
     tmp_path: Path, toy_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`clims-reproduce -m experiment=toy_ablation ablation=otm,otm_btm_reg_cbs` at CI size, in this process."""
+    """`clims-reproduce -m experiment=toy_ablation ablation=otm,otm_btm_reg_cbs pipeline.logger=wandb` at CI size,
+    in this process (wandb offline)."""
     from clims_pl.cli import reproduce_main
 
     _ci_experiment(tmp_path / "conf", toy_root)
@@ -209,6 +213,7 @@ def test_toy_grid_two_jobs(
         f"hydra.sweep.dir={sweep}",
         f"paths.root_dir={tmp_path}",
         "print_config=false",
+        "pipeline.logger=wandb",
     ]
     monkeypatch.setattr(sys, "argv", argv)
     try:
@@ -217,11 +222,14 @@ def test_toy_grid_two_jobs(
         GlobalHydra.instance().clear()
     out = capsys.readouterr().out
     # The shared baseline ran once (job 0) and was skipped by its manifest in job 1.
-    assert out.count("✓ cam up to date") == 1 and out.count("✓ toyclip up to date") == 1
+    assert out.count("✓ cam up to date") == 1 and out.count("✓ eval_cam up to date") == 1
     shared = tmp_path / "runs" / "toy_ablation_shared"
     assert (shared / "cam" / "manifest.json").is_file() and not list(sweep.glob("*/cam"))
     rows = list(csv.DictReader((sweep / "ablation.csv").open()))
-    assert [(r["job"], r["ablation"], r["status"]) for r in rows] == [("0", "OTM", "ok"), ("1", "OTM+BTM+REG+CBS", "ok")]
+    assert [(r["job"], r["ablation"], r["status"]) for r in rows] == [
+        ("0", "OTM", "ok"),
+        ("1", "OTM+BTM+REG+CBS", "ok"),
+    ]
     for row in rows:
         run_dir = Path(row["run_dir"])
         assert run_dir.parent == sweep
@@ -234,3 +242,45 @@ def test_toy_grid_two_jobs(
         config = OmegaConf.load(run_dir / "clims" / "config.yaml")
         assert config.loss.enable_btm == (row["ablation"] != "OTM")
     assert (sweep / "ablation.md").read_text().count("\n| ") == 3  # header + 2 jobs
+    # Every wandb run of the sweep (the shared baseline's, each job's) is in one group; the table went there too.
+    configs = [shared / "cam", *(Path(r["run_dir"]) / "clims" for r in rows)]
+    assert {OmegaConf.load(c / "config.yaml").logger.wandb.group for c in configs} == {"toy_ablation_sweep"}
+    table = next(sweep.glob("wandb/offline-run-*/files/media/table/ablation_*.table.json"))
+    assert len(json.loads(table.read_text())["data"]) == 2
+
+
+#: SlurmQueueConf fields of hydra-submitit-launcher 1.2.0 (not installed here): the yaml replaces that schema.
+SUBMITIT_SLURM_FIELDS = {
+    "_target_", "submitit_folder", "timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb",
+    "nodes", "name", "stderr_to_stdout", "partition", "qos", "comment", "constraint", "exclude", "gres",
+    "cpus_per_gpu", "gpus_per_task", "mem_per_gpu", "mem_per_cpu", "account", "signal_delay_s", "max_num_timeout",
+    "additional_parameters", "array_parallelism", "setup",
+}  # fmt: skip
+
+
+def test_submitit_launcher_config_composes_without_the_plugin(tmp_path: Path) -> None:
+    overrides = ["experiment=ablation_losses", "hydra/launcher=submitit_slurm", f"hydra.sweep.dir={tmp_path}/sweep"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("reproduce", overrides=[*overrides, f"paths.root_dir={tmp_path}"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert set(launcher) == SUBMITIT_SLURM_FIELDS
+    assert launcher.submitit_folder == f"{tmp_path}/sweep/.submitit/%j"
+    # One pipeline run per GPU (Q6: CLIMS's BN batch of 16 on one device); the reference's 12 CPU workers.
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.cpus_per_task) == (1, 1, 1, 12)
+    assert launcher.timeout_min == 1440 and launcher.partition is None
+
+
+def test_optuna_search_config_fits_the_weight_sweep(tmp_path: Path) -> None:
+    """hydra-optuna-sweeper is not installed here: its config is checked against the experiment it searches."""
+    search = OmegaConf.load(CONF_DIR / "hparams_search" / "clims_optuna.yaml")
+    assert OmegaConf.to_container(search.defaults) == [{"override /hydra/sweeper": "optuna"}]
+    sweeper = search.hydra.sweeper
+    assert sweeper.direction == "maximize" and sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    cfg = compose_config("reproduce", tmp_path, ["experiment=ablation_weights", f"run_dir={tmp_path}/job"])
+    for key in sweeper.params:
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", key  # overridable without '+'
+    objective = OmegaConf.to_container(search.pipeline)["objective"]  # unresolved: it points into the experiment
+    with open_dict(cfg):
+        cfg.pipeline.objective = objective
+    assert cfg.pipeline.objective == "eval_cams:best_miou"

@@ -14,7 +14,7 @@ from clims_pl.report import run
 def test_report_reads_manifests(tmp_path: Path, compose_cfg) -> None:
     run_dir = tmp_path / "pipe"
     for stage, metrics, wall in [
-        ("eval_clims", {"miou": {"best": 60.25}, "best_threshold": 0.17}, 3.0),
+        ("eval_clims", {"miou": {"best": 0.6025}, "best_threshold": 0.17}, 3.0),
         ("pseudo", {}, 1.0),
     ]:
         (run_dir / stage).mkdir(parents=True)

@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from clims_pl.io import atomic_write_text
-from clims_pl.pipeline import Stage, read_manifest
+from clims_pl.pipeline import Stage, finish_wandb_run, read_manifest
 
 TABLE_MD = "ablation.md"
 TABLE_CSV = "ablation.csv"
@@ -162,17 +162,19 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def wandb_target(jobs: Sequence[Job], eval_stage: str | None) -> dict[str, Any] | None:
-    """The wandb logger (project, group, offline) the jobs' evaluation stages used, read from their config.yaml."""
+def wandb_target(jobs: Sequence[Job]) -> dict[str, Any] | None:
+    """The wandb logger (project, group, offline) of the jobs' stages, from the ``config.yaml`` a training stage
+    writes; a job's own stages first (a shared stage skipped by this sweep still shows the sweep that ran it)."""
     for job in jobs:
         if job.config is None:
             continue
-        stage = eval_stage or (job.config.get("ablation_sweep") or {}).get("eval_stage")
-        path = _stage_dir(job.config, stage) / "config.yaml"
-        logger = OmegaConf.load(path).get("logger") if path.is_file() else None
-        if logger and logger.get("wandb"):
-            w = logger.wandb
-            return {"project": w.get("project"), "group": w.get("group"), "offline": bool(w.get("offline"))}
+        stages = sorted(job.config.pipeline.stages.items(), key=lambda item: bool(item[1] and item[1].get("dir")))
+        for name, node in stages:
+            path = _stage_dir(job.config, name) / "config.yaml" if node is not None else None
+            logger = OmegaConf.load(path).get("logger") if path is not None and path.is_file() else None
+            if logger and logger.get("wandb"):
+                w = logger.wandb
+                return {"project": w.get("project"), "group": w.get("group"), "offline": bool(w.get("offline"))}
     return None
 
 
@@ -180,6 +182,7 @@ def log_wandb_table(rows: list[dict[str, Any]], target: dict[str, Any], save_dir
     """Log the table as a ``wandb.Table`` in a run of the jobs' group; returns that run's folder."""
     import wandb
 
+    finish_wandb_run()
     run = wandb.init(
         project=target["project"],
         group=target["group"],
@@ -217,7 +220,7 @@ def aggregate(
     atomic_write_text(sweep_dir / TABLE_MD, md)
     atomic_write_text(sweep_dir / TABLE_CSV, render_csv(rows))
     print(md)
-    target = wandb_target(jobs, eval_stage) if use_wandb else None
+    target = wandb_target(jobs) if use_wandb else None
     wandb_run = log_wandb_table(rows, target, sweep_dir, title) if target else None
     return {"rows": rows, "markdown": sweep_dir / TABLE_MD, "csv": sweep_dir / TABLE_CSV, "wandb_run": wandb_run}
 

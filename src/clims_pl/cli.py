@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -16,13 +17,14 @@ from omegaconf import DictConfig
 from clims_pl.config import CONF_DIR
 
 
-def _entry(config_name: str, target: str) -> Callable[[], None]:
+def _entry(config_name: str, target: str) -> Callable[[], Any]:
     """Build a console-script function that runs ``target`` ('module:function') on the composed config."""
     module_name, func_name = target.split(":")
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
-    def main(cfg: DictConfig) -> None:
-        getattr(importlib.import_module(module_name), func_name)(cfg)
+    def main(cfg: DictConfig) -> Any:
+        # The return value matters to optimising sweepers (Optuna reads it); plain runs ignore it.
+        return getattr(importlib.import_module(module_name), func_name)(cfg)
 
     return main
 
@@ -51,7 +53,7 @@ def _flags_to_overrides(argv: list[str]) -> list[str]:
     return out
 
 
-_reproduce = _entry("reproduce", "clims_pl.pipeline:run")
+_reproduce = _entry("reproduce", "clims_pl.pipeline:run_scored")
 
 
 def reproduce_main() -> None:

@@ -16,7 +16,8 @@ Sweeps reach inside stages with ``pipeline.set.<stage>`` (a nested or dotted map
 overrides: ``clims-reproduce -m experiment=toy_ablation pipeline.set.clims.loss.alpha=1,10``), and a stage with a
 ``dir`` (an absolute folder instead of ``<run_dir>/<stage>``) is shared by every run that names it: the first sweep
 job trains the baseline there, the others find its manifest current and skip it. ``pipeline.logger`` picks the
-logger option of every stage that has a ``logger`` group, and ``pipeline.wandb_group`` the wandb group they join.
+logger option of every stage that has a ``logger`` group, and ``pipeline.wandb_group`` the wandb group they join
+(default: the task name, or ``<task name>_<sweep folder>`` for every job of a multirun).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import importlib
 import json
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -36,8 +38,10 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
@@ -138,8 +142,12 @@ def logger_overrides(config: str, logger: str | None, wandb_group: str | None) -
     wandb, its runs join ``wandb_group`` so that every stage of a run (every job of a sweep) is shown together."""
     if not logger or "logger" not in default_groups(config):
         return []
+    path = CONF_DIR / "logger" / f"{logger}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ValueError(f"pipeline.logger={logger}: no {path}; pick one of {options}")
     out = [f"logger={logger}"]
-    option = OmegaConf.load(CONF_DIR / "logger" / f"{logger}.yaml")
+    option = OmegaConf.load(path)
     if wandb_group and ("wandb" in option or "wandb" in (option.get("defaults") or [])):
         out.append(f"logger.wandb.group={hydra_value(str(wandb_group))}")
     return out
@@ -159,15 +167,24 @@ def check_plain_folder(key: str, folder: str | Path) -> None:
         )
 
 
-def stages_from_config(pipeline: DictConfig) -> list[Stage]:
-    """The stages of ``cfg.pipeline``, each with its ``pipeline.set.<stage>`` and logger overrides appended."""
+def default_wandb_group(cfg: DictConfig) -> str:
+    """The task name; in a multirun ``<task name>_<sweep folder>``, the same for every job of the sweep (a
+    ``${now:}`` in the config would not be: each job resolves it at its own start)."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"{cfg.task_name}_{Path(HydraConfig.get().sweep.dir).name}"
+    return str(cfg.task_name)
+
+
+def stages_from_config(pipeline: DictConfig, default_group: str | None = None) -> list[Stage]:
+    """The stages of ``cfg.pipeline``, each with its ``pipeline.set.<stage>`` and logger overrides appended
+    (wandb runs join ``pipeline.wandb_group``, else ``default_group``)."""
     nodes = {name: node for name, node in pipeline.stages.items() if node is not None}
     settings = OmegaConf.to_container(pipeline.get("set") or OmegaConf.create(), resolve=True)
     # A stage switched off (null) keeps its settings unused; a name that is no stage at all is a typo.
     unknown = sorted(set(settings) - set(pipeline.stages))
     if unknown:
         raise ValueError(f"pipeline.set: no stage named {unknown}; stages of this pipeline: {', '.join(nodes)}")
-    logger, group = pipeline.get("logger"), pipeline.get("wandb_group")
+    logger, group = pipeline.get("logger"), pipeline.get("wandb_group") or default_group
     return [
         Stage.from_config(
             name,
@@ -316,7 +333,10 @@ def _run_or_skip(
     console.rule(f"stage {stage.name}")
     start = time.perf_counter()
     module_name, func_name = stage.target.split(":")
-    result = getattr(importlib.import_module(module_name), func_name)(cfg)
+    try:
+        result = getattr(importlib.import_module(module_name), func_name)(cfg)
+    finally:
+        finish_wandb_run()
     manifest = {
         "stage": stage.name,
         "config_hash": cfg_hash,
@@ -332,6 +352,35 @@ def _run_or_skip(
     return manifest
 
 
+def objective(cfg: DictConfig, manifests: dict[str, dict[str, Any]]) -> float | None:
+    """The number a sweeper optimises (Hydra's Optuna sweeper reads the task's return value): ``pipeline.objective``
+    = ``"<stage>:<metric key>"`` (dotted, e.g. ``eval_cams:best_miou``) in that stage's manifest; None when unset."""
+    spec = cfg.pipeline.get("objective")
+    if not spec:
+        return None
+    stage, _, key = str(spec).partition(":")
+    if stage not in manifests:
+        raise ValueError(f"pipeline.objective={spec}: no stage {stage!r}; stages: {', '.join(manifests)}")
+    metrics = manifests[stage].get("metrics") or {}
+    value = OmegaConf.select(OmegaConf.create(metrics), key, default=None)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"pipeline.objective={spec}: no number at {key!r} in {stage}'s metrics ({', '.join(metrics)})")
+    return float(value)
+
+
+def run_scored(cfg: DictConfig) -> float | None:
+    """``run`` whose return value is ``objective``: the entry an optimising sweeper (``+hparams_search=...``) needs."""
+    return objective(cfg, run(cfg))
+
+
+def finish_wandb_run() -> None:
+    """Close the wandb run a stage left open (Lightning's WandbLogger never finishes it): the next stage's logger
+    would otherwise adopt it and log into the previous stage's run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def _jsonable(result: Any) -> dict[str, Any]:
     if not isinstance(result, dict):
         return {}
@@ -342,7 +391,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Entry of ``clims-reproduce`` / ``clims-demo``: the stages of ``cfg.pipeline`` in ``cfg.run_dir``."""
     prepare_run(cfg)
     p = cfg.pipeline
-    stages = stages_from_config(p)
+    stages = stages_from_config(p, default_wandb_group(cfg))
     if not stages:
         raise ValueError("pipeline.stages is empty: pick an experiment, e.g. experiment=paper_voc or toy_demo")
     check_plain_folder("run_dir", cfg.run_dir)

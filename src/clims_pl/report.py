@@ -55,7 +55,8 @@ def collect_rows(run_dir: Path, rows: list[dict[str, Any]], reference: dict[str,
         ours = lookup(manifest.get("metrics", {}), row["key"])
         ref = reference["metrics"].get(row.get("ref", ""), {})
         threshold = lookup(manifest.get("metrics", {}), row["threshold_key"]) if row.get("threshold_key") else None
-        ours_f = float(ours) if isinstance(ours, int | float) else math.nan
+        # Stage metrics are fractions (0-1); the paper's table is in percent.
+        ours_f = float(ours) * row.get("scale", 100.0) if isinstance(ours, int | float) else math.nan
         table.append(
             {
                 "metric": row.get("label") or ref.get("label") or row["key"],
