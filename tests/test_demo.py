@@ -61,6 +61,7 @@ def _tiny(stage: str, config: str) -> list[str]:
         "ir_labels": [*data, "ir_labels.num_workers=1"],
         "seg_eval": [*data, "seg_eval.crf.params.iterations=1", "seg_eval.device=cpu"],
         "pseudo": [*data, "pseudo.device=cpu"],
+        "report": [],
     }
     return per_stage.get(stage, data)
 
@@ -86,6 +87,8 @@ def test_toy_demo_pipeline_at_ci_size(tmp_path: Path) -> None:
     assert results["clims_miou"] == pytest.approx(100 * cams_json["best_miou"])
     assert (Path(cfg.run_dir) / "demo" / "demo_table.md").read_text().count("|") > 10
     assert any((Path(cfg.run_dir) / "demo" / "overlays" / "clims").glob("*.png"))
+    report = (Path(cfg.run_dir) / "report" / "report.md").read_text()
+    assert f"| CLIMS CAM mIoU (toy train), best threshold | {results['clims_miou']:.1f} |" in report
     # Rerunning skips every stage.
     again = run(cfg)
     assert {k: v["wall_s"] for k, v in again.items()} == {k: v["wall_s"] for k, v in manifests.items()}
