@@ -157,22 +157,43 @@ def _bands(pool: PrimitivePool, concepts: Concepts, rng: np.random.Generator) ->
 
 
 def _paste_object(
-    rgb: np.ndarray, codes: np.ndarray, pool: PrimitivePool, concepts: Concepts, rng: np.random.Generator
+    rgb: np.ndarray,
+    codes: np.ndarray,
+    pool: PrimitivePool,
+    concepts: Concepts,
+    rng: np.random.Generator,
+    hue_rotation: float,
 ) -> None:
-    """Paste a pooled object of a random class at a random position that keeps it inside the frame."""
+    """Paste a pooled object of a random class, hue-rotated, at a random position inside the frame.
+
+    WHY the hue rotation (uniform in ±``hue_rotation`` radians): pooled objects are reused, and a tiny model
+    learns "this exact colour pair was a cow" long before it learns part shapes. The world draws hues
+    uniformly, so a rotated object is an equally likely render, and memorising colours stops paying.
+    """
     c = int(rng.integers(len(TOY_CLASSES)))
     obj_rgb, alpha = pool.objects[c][int(rng.integers(len(pool.objects[c])))]
     ys, xs = np.nonzero(alpha)
     size = alpha.shape[0]
     dy = int(rng.integers(-ys.min(), size - ys.max()))
     dx = int(rng.integers(-xs.min(), size - xs.max()))
-    alpha = np.roll(alpha, (dy, dx), axis=(0, 1))
-    rgb[alpha] = np.roll(obj_rgb, (dy, dx), axis=(0, 1))[alpha]
-    codes[alpha] = concepts.world_class(c)
+    pixels = obj_rgb[ys, xs].astype(np.float32) @ _hue_rotation(float(rng.uniform(-1, 1)) * hue_rotation).T
+    rgb[ys + dy, xs + dx] = np.clip(pixels, 0, 255).astype(np.uint8)
+    codes[ys + dy, xs + dx] = concepts.world_class(c)
+
+
+def _hue_rotation(angle: float) -> np.ndarray:
+    """3×3 rotation of RGB about the grey axis (1, 1, 1): turns hue, keeps grey level and chroma."""
+    k = np.full(3, 1 / np.sqrt(3))
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.cos(angle) * np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * np.outer(k, k)
 
 
 def compose_sample(
-    pool: PrimitivePool, concepts: Concepts, mix: Mapping[str, float], rng: np.random.Generator
+    pool: PrimitivePool,
+    concepts: Concepts,
+    mix: Mapping[str, float],
+    rng: np.random.Generator,
+    hue_rotation: float = math.pi,
 ) -> tuple[np.ndarray, np.ndarray]:
     """An object alone, a background alone, or a composite; returns (rgb uint8, concept map uint8)."""
     kinds = list(mix)
@@ -189,7 +210,7 @@ def compose_sample(
     else:
         raise ValueError(f"toyclip train.mix: unknown kind {kind!r}; use object, background, composite")
     for _ in range(n_objects):
-        _paste_object(rgb, codes, pool, concepts, rng)
+        _paste_object(rgb, codes, pool, concepts, rng, hue_rotation)
     return rgb, codes
 
 
@@ -283,6 +304,7 @@ class CaptionSampler:
         mix: Mapping[str, float],
         masks: Mapping[str, float],
         pool: Mapping[str, int],
+        hue_rotation: float,
     ) -> None:
         self.concepts, self.mix, self.masks, self.evidence_area = concepts, dict(mix), dict(masks), evidence_area
         self.clip_size, self.cam_size = clip_size, math.ceil(crop_size / cam_stride)
@@ -292,6 +314,7 @@ class CaptionSampler:
         self.transform = train_transform(crop_size, resize_long)
         self.transform.set_random_seed(seed)
         self.refresh, self.fresh = int(pool["refresh_per_step"]), int(pool["fresh_per_step"])
+        self.hue_rotation = float(hue_rotation)
         self.pool = PrimitivePool(world, int(pool["per_class"]), int(pool["per_background"]), self.rng)
         n, k = int(pool["buffer_size"]), len(concepts.names)
         self.images = torch.empty(n, 3, clip_size, clip_size)
@@ -302,7 +325,7 @@ class CaptionSampler:
         """Compose, augment (the CLIMS training transform) and store new images in ``slots``."""
         images, codes = [], []
         for _ in range(len(slots)):
-            rgb, code = compose_sample(self.pool, self.concepts, self.mix, self.rng)
+            rgb, code = compose_sample(self.pool, self.concepts, self.mix, self.rng, self.hue_rotation)
             out = self.transform(image=rgb, mask=code)
             images.append(out["image"])
             codes.append(out["mask"])
@@ -438,6 +461,7 @@ def _sampler(cfg: DictConfig, concepts: Concepts, clip_size: int, seed: int | No
         mix=cfg.train.mix,
         masks=cfg.train.masks,
         pool=cfg.train.pool,
+        hue_rotation=float(cfg.train.hue_rotation),
     )
 
 
