@@ -153,5 +153,5 @@ def test_data_configs_instantiate(name: str, tmp_path: Path) -> None:
     assert dm.classes == (list(VOC_CLASSES) if name == "voc" else list(TOY_CLASSES))
     assert not (tmp_path / "data").exists()  # building the module touches no disk
     if name == "toy":
-        assert dm.hparams.toy == {"seed": 0, "size": 128, "n_train_aug": 1000, "n_train": 200, "n_val": 200}
+        assert dm.hparams.toy == {"seed": 0, "size": 128, "n_train_aug": 400, "n_train": 200, "n_val": 200}
         assert dm.hparams.crop_size == 128 and dm.hparams.resize_long == [80, 160]

@@ -100,20 +100,23 @@ def test_cooccurring_background_rate(tmp_path: Path) -> None:
     assert max(len(meta["backgrounds"][i]) for i in ids) == 2
 
 
-def test_parts_are_small_and_bodies_share_colour() -> None:
+def test_parts_are_small_patterns_halve_bodies_and_colour_is_shared() -> None:
     world = ToyWorld(128, seed=0)
     rng = np.random.default_rng(0)
     fractions = {name: [] for name in TOY_CLASSES}
+    dark_fractions = {name: [] for name in TOY_CLASSES}
     hues = {name: [] for name in TOY_CLASSES}
     for _ in range(40):
         for c, name in enumerate(TOY_CLASSES):
             pose = world._sample_pose(rng, 1.0, centre=True)
-            body, part = world._shape(c, pose)
+            body, part, dark = world._shape(c, pose)
             fractions[name].append(part.sum() / (body | part).sum())
+            dark_fractions[name].append(dark.sum() / body.sum())
             rgb, alpha = world.render_object(name, rng)
             hues[name].append(rgb[alpha].astype(float).mean(0))
     for name in TOY_CLASSES:
         assert 0.03 < np.mean(fractions[name]) < 0.25, name  # a small discriminative part on a big body
+        assert 0.4 < np.mean(dark_fractions[name]) < 0.6, name  # every pattern darkens about half the body
     means = np.array([np.mean(hues[name], 0) for name in TOY_CLASSES])
     assert np.ptp(means, axis=0).max() < 25  # mean object colour does not give the class away
 

@@ -3,11 +3,13 @@
 Each image holds 1–3 objects of :data:`TOY_CLASSES` (VOC class names) on textured backgrounds. The world is
 built so that a CAM classifier is tempted into CLIMS's two failure modes:
 
-* **Under-coverage.** Every object is a large *body* whose look (superellipse silhouette, colour
-  distribution, spotted texture) is the same for all classes, plus a small class-specific *part*
-  (:data:`TOY_PARTS`: a swept tail fin, a symmetric sail, two horns, a chimney) that alone tells the class.
-  Parts differ by shape and position, never by colour (body and part colours come from one shared
-  distribution), so a classifier only needs the part and its CAM covers little of the body.
+* **Under-coverage.** Every object is a large *body* (superellipse silhouette, colour from one shared
+  distribution) painted with a class-specific two-tone *pattern* (:data:`TOY_PATTERNS`: stripes along the
+  body, stripes across it, polka dots, a checkerboard; each darkens about half the body) plus a small
+  class-specific *part* (:data:`TOY_PARTS`: a swept tail fin, a symmetric sail, two horns, a chimney).
+  Nothing differs by colour, so the class is read from shape and pattern; the part plus a patch of pattern
+  is enough for a classifier, so its CAM need not cover the body. Patterns are what a tiny CLIP trained
+  for minutes on 2 CPU cores can learn (it could not learn the shape-only parts of world version 2).
 * **Co-occurring background.** Each class has a background (:data:`TOY_COOCCURRING`: aeroplane–sky,
   boat–water, cow–grass, train–railroad) present in ~90% of that class's images, so the background is strong
   (but not perfect) evidence and CAMs spill onto it. The other ~10% use a neutral texture (wall, sand) or
@@ -56,10 +58,16 @@ TOY_BACKGROUNDS: tuple[str, ...] = ("sky", "water", "grass", "railroad", "wall",
 TOY_COOCCURRING: dict[str, str] = {"aeroplane": "sky", "boat": "water", "cow": "grass", "train": "railroad"}
 TOY_NEUTRAL: tuple[str, ...] = ("wall", "sand")
 TOY_PARTS: dict[str, str] = {"aeroplane": "tail", "boat": "sail", "cow": "horns", "train": "chimney"}
+TOY_PATTERNS: dict[str, str] = {
+    "aeroplane": "stripes along",
+    "boat": "stripes across",
+    "cow": "polka dots",
+    "train": "checkerboard",
+}
 #: ImageNet mean colour: 0 after normalisation, the colour of CLIMS's masked-out pixels.
 NEUTRAL_RGB: tuple[int, int, int] = (124, 116, 104)
 #: Bump when the rendering changes, so an old world on disk is not silently reused.
-TOY_VERSION = 2  # 2: ToyBackground/ per-pixel background maps for the evaluated images
+TOY_VERSION = 3  # 2: ToyBackground/ maps for the evaluated images; 3: class body patterns, no generic spots
 #: Per-pixel background index (into TOY_BACKGROUNDS) of train and val images, as grayscale PNGs.
 BACKGROUND_DIR = "ToyBackground"
 
@@ -97,6 +105,7 @@ class _Pose(NamedTuple):
     p: float  # superellipse exponent of the body
     angle: float
     flip: float  # +1 faces right, -1 faces left
+    phase: tuple[float, float]  # offset of the body pattern, in pattern periods
 
 
 def _hsv(h: float, s: float, v: float) -> np.ndarray:
@@ -149,6 +158,35 @@ _PART_SHAPES: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] =
     "cow": _horns,
     "train": _chimney,
 }
+
+
+# Body patterns in the same body coordinates, so they turn and scale with the object. Each darkens ~half of
+# the body (equal mean colour across classes); `phase` is a random offset in [0, 1)^2 per object.
+def _stripes_along(u: np.ndarray, v: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    return np.mod(v / 1.0 + phase[0], 1.0) < 0.5
+
+
+def _stripes_across(u: np.ndarray, v: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    return np.mod(u / 1.0 + phase[0], 1.0) < 0.5
+
+
+def _polka_dots(u: np.ndarray, v: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    du = np.mod(u / 1.1 + phase[0], 1.0) - 0.5
+    dv = np.mod(v / 1.1 + phase[1], 1.0) - 0.5
+    return du**2 + dv**2 <= 0.4**2  # radius 0.44 b on a 1.1 b lattice: ~50% of the body
+
+
+def _checkerboard(u: np.ndarray, v: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    cells = np.floor(u / 0.7 + phase[0]) + np.floor(v / 0.7 + phase[1])
+    return np.mod(cells, 2) == 0
+
+
+_PATTERNS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {
+    "aeroplane": _stripes_along,
+    "boat": _stripes_across,
+    "cow": _polka_dots,
+    "train": _checkerboard,
+}
 # How far body ∪ part reach beyond the body's ends (u = ±r) and its height, in units of b (see parts above).
 _REACH_BACK, _REACH_FRONT = 0.35, 0.05
 _REACH_DOWN, _REACH_UP = 1.05, 2.5
@@ -198,8 +236,8 @@ class ToyWorld:
         pose = self._sample_pose(rng, scale=1.0, centre=True)
         canvas = np.empty((self.size, self.size, 3), dtype=np.float32)
         canvas[:] = NEUTRAL_RGB
-        body, part = self._shape(cls, pose)
-        self._paint(canvas, body, part, rng)
+        body, part, dark = self._shape(cls, pose)
+        self._paint(canvas, body, part, dark, rng)
         return _to_uint8(canvas), body | part
 
     def render_scene(self, rng: np.random.Generator) -> Scene:
@@ -213,8 +251,8 @@ class ToyWorld:
         shapes = self._place_objects(classes, backgrounds, horizon, rng)
         instance = np.zeros((self.size, self.size), dtype=np.int32)
         mask = np.zeros((self.size, self.size), dtype=np.uint8)
-        for k, (cls, (body, part)) in enumerate(zip(classes, shapes, strict=True)):
-            self._paint(canvas, body, part, rng)
+        for k, (cls, (body, part, dark)) in enumerate(zip(classes, shapes, strict=True)):
+            self._paint(canvas, body, part, dark, rng)
             instance[body | part] = k + 1
             mask[body | part] = cls + 1
         mask[_boundary_band(instance, BAND_WIDTH)] = 255
@@ -266,7 +304,8 @@ class ToyWorld:
             cx, cy = float(np.clip(cx, x_lo, x_hi)), float(np.clip(cy, y_lo, y_hi))
         else:
             cx, cy = float(rng.uniform(x_lo, x_hi)), float(rng.uniform(y_lo, y_hi))
-        return _Pose(cx, cy, b, r, p, angle, flip)
+        phase = (float(rng.random()), float(rng.random()))
+        return _Pose(cx, cy, b, r, p, angle, flip, phase)
 
     def _centre_range(self, b: float, r: float, angle: float, flip: float) -> tuple[tuple[float, float], ...]:
         """Centre positions for which the rotated extent box of the object stays inside the image."""
@@ -281,30 +320,34 @@ class ToyWorld:
         y_lo, y_hi = margin - dy.min(), self.size - 1 - margin - dy.max()
         return (x_lo, max(x_lo, x_hi)), (y_lo, max(y_lo, y_hi))
 
-    def _shape(self, cls: int, pose: _Pose) -> tuple[np.ndarray, np.ndarray]:
-        """(body, part) boolean masks of one object: implicit shapes evaluated at every pixel."""
+    def _shape(self, cls: int, pose: _Pose) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(body, part, dark) boolean masks of one object: implicit shapes evaluated at every pixel.
+
+        ``dark`` marks the body pixels that the class pattern darkens (phase fixed by the pose).
+        """
         dx, dy = self._xx - pose.cx, self._yy - pose.cy
         c, s = np.cos(pose.angle), np.sin(pose.angle)
         u = pose.flip * (dx * c + dy * s) / pose.b
         v = (dx * s - dy * c) / pose.b
         body = np.abs(u / pose.r) ** pose.p + np.abs(v) ** pose.p <= 1.0
         part = _PART_SHAPES[TOY_CLASSES[cls]](u, v, pose.r) & ~body
-        return body, part
+        dark = _PATTERNS[TOY_CLASSES[cls]](u, v, np.array(pose.phase)) & body
+        return body, part, dark
 
     def _place_objects(
         self, classes: list[int], backgrounds: tuple[str, ...], horizon: np.ndarray | None, rng: np.random.Generator
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Poses with limited overlap (every object and part stays mostly visible), objects on their band."""
         scale = (1.0, 0.9, 0.8)[len(classes) - 1]
         for _ in range(100):
-            shapes: list[tuple[np.ndarray, np.ndarray]] = []
+            shapes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
             for cls in classes:
                 for _ in range(30):
                     pose = self._sample_pose(rng, scale)
                     pose = self._on_own_band(pose, cls, backgrounds, horizon, rng)
-                    body, part = self._shape(cls, pose)
+                    body, part, dark = self._shape(cls, pose)
                     if _fits(body | part, shapes):
-                        shapes.append((body, part))
+                        shapes.append((body, part, dark))
                         break
                 else:
                     break
@@ -333,14 +376,15 @@ class ToyWorld:
         return pose._replace(cy=float(rng.uniform(lo, hi)))
 
     # ---------------------------------------------------------------------------------------- painting
-    def _paint(self, canvas: np.ndarray, body: np.ndarray, part: np.ndarray, rng: np.random.Generator) -> None:
-        """Body: shared colour law + spotted texture; part: another colour from the same law; dark outline."""
+    def _paint(
+        self, canvas: np.ndarray, body: np.ndarray, part: np.ndarray, dark: np.ndarray, rng: np.random.Generator
+    ) -> None:
+        """Body: shared colour law, class pattern darkened; part: another colour from the same law; outline."""
         hue = float(rng.random())
         body_rgb = _hsv(hue, rng.uniform(0.35, 0.8), rng.uniform(0.5, 0.9))
         part_rgb = _hsv(hue + rng.uniform(0.25, 0.75), rng.uniform(0.35, 0.8), rng.uniform(0.5, 0.9))
-        spots = self._noise(rng, (10, 10)) > 0.65
         shade = 0.85 + 0.3 * self._noise(rng, (3, 3))
-        texture = np.where(spots, 0.6, 1.0) * shade
+        texture = np.where(dark, 0.55, 1.0) * shade
         canvas[body] = body_rgb * texture[body][:, None]
         canvas[part] = part_rgb * (0.9 + 0.2 * self._noise(rng, (4, 4)))[part][:, None]
         obj = body | part
@@ -473,9 +517,9 @@ def _boundary_band(instance: np.ndarray, radius: int) -> np.ndarray:
     return band
 
 
-def _fits(new: np.ndarray, shapes: list[tuple[np.ndarray, np.ndarray]]) -> bool:
+def _fits(new: np.ndarray, shapes: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> bool:
     """Accept a new object if it hides ≤ 20% of any earlier object and ≤ 10% of its part."""
-    for body, part in shapes:
+    for body, part, _ in shapes:
         obj = body | part
         if (new & obj).sum() > 0.2 * min(obj.sum(), new.sum()) or (new & part).sum() > 0.1 * part.sum():
             return False

@@ -100,7 +100,7 @@ class ClipEvaluator(nn.Module):
         weights = _resolve_pretrained(model, pretrained, cache_dir)
         self.clip = open_clip.create_model(model, pretrained=weights, precision=self.precision)
         self.tokenizer = open_clip.get_tokenizer(model)
-        self.input_size = int(input_size or self.clip.visual.image_size[0])
+        self.input_size = int(input_size or clip_input_size(self.clip))
         self.fused = fused
         # Q2: the reference never freezes CLIP; frozen weights give identical input gradients, so only the naive
         # path keeps the (useless, accumulating) parameter gradients, to reproduce its cost.
@@ -206,6 +206,12 @@ class ClipEvaluator(nn.Module):
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise dot product of unit vectors as a batched (1×D)·(D×1) matmul, like the reference; no logit scale."""
     return torch.matmul(a.unsqueeze(1), b.unsqueeze(2)).flatten()
+
+
+def clip_input_size(clip: torch.nn.Module) -> int:
+    """Image side a CLIP model expects: open_clip's ViTs store ``image_size`` as a pair, its ResNets as an int."""
+    size = clip.visual.image_size
+    return int(size if isinstance(size, int) else size[0])
 
 
 def register_tiny_configs() -> None:
