@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from clims_pl.losses import TERMS, ClimsObjective
 from clims_pl.models.cam_net import CAMNet
-from clims_pl.models.clip_evaluator import ClipEvaluator
+from clims_pl.models.clip_evaluator import ClipEvaluator, clip_input_size, register_tiny_configs
 from clims_pl.prompts.bank import PromptBank
 
 CLASSES = ("cat", "dog", "bird", "person", "boat")
@@ -194,3 +195,12 @@ def test_weight_loading_errors(monkeypatch, tmp_path):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match=r"not in the Hugging Face cache.*HF_HUB_OFFLINE=1.*clip.pretrained=/path"):
         ClipEvaluator("ViT-B-32-quickgelu", pretrained="openai", cache_dir=str(tmp_path))
+
+
+def test_clip_input_size_reads_vit_pairs_and_resnet_ints() -> None:
+    """open_clip stores a ViT's image_size as a pair and a ModifiedResNet's as an int; both must work."""
+    register_tiny_configs()
+    vit = open_clip.create_model("clims-toy-vit", pretrained=None)
+    resnet = open_clip.create_model("clims-toy-rn", pretrained=None)
+    assert isinstance(resnet.visual.image_size, int)
+    assert clip_input_size(vit) == 128 and clip_input_size(resnet) == 128
