@@ -162,26 +162,26 @@ _PART_SHAPES: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] =
 
 # Body patterns in the same body coordinates, so they turn and scale with the object. Each darkens ~half of
 # the body (equal mean colour across classes); `phase` is a random offset in [0, 1)^2 per object.
-def _stripes_along(u: np.ndarray, v: np.ndarray, phase: np.ndarray) -> np.ndarray:
-    return np.mod(v / 1.0 + phase[0], 1.0) < 0.5
+def _stripes_along(u: np.ndarray, v: np.ndarray, phase: tuple[float, float]) -> np.ndarray:
+    return np.mod(v + phase[0], 1.0) < 0.5
 
 
-def _stripes_across(u: np.ndarray, v: np.ndarray, phase: np.ndarray) -> np.ndarray:
-    return np.mod(u / 1.0 + phase[0], 1.0) < 0.5
+def _stripes_across(u: np.ndarray, v: np.ndarray, phase: tuple[float, float]) -> np.ndarray:
+    return np.mod(u + phase[0], 1.0) < 0.5
 
 
-def _polka_dots(u: np.ndarray, v: np.ndarray, phase: np.ndarray) -> np.ndarray:
+def _polka_dots(u: np.ndarray, v: np.ndarray, phase: tuple[float, float]) -> np.ndarray:
     du = np.mod(u / 1.1 + phase[0], 1.0) - 0.5
     dv = np.mod(v / 1.1 + phase[1], 1.0) - 0.5
     return du**2 + dv**2 <= 0.4**2  # radius 0.44 b on a 1.1 b lattice: ~50% of the body
 
 
-def _checkerboard(u: np.ndarray, v: np.ndarray, phase: np.ndarray) -> np.ndarray:
+def _checkerboard(u: np.ndarray, v: np.ndarray, phase: tuple[float, float]) -> np.ndarray:
     cells = np.floor(u / 0.7 + phase[0]) + np.floor(v / 0.7 + phase[1])
     return np.mod(cells, 2) == 0
 
 
-_PATTERNS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {
+_PATTERNS: dict[str, Callable[[np.ndarray, np.ndarray, tuple[float, float]], np.ndarray]] = {
     "aeroplane": _stripes_along,
     "boat": _stripes_across,
     "cow": _polka_dots,
@@ -331,7 +331,7 @@ class ToyWorld:
         v = (dx * s - dy * c) / pose.b
         body = np.abs(u / pose.r) ** pose.p + np.abs(v) ** pose.p <= 1.0
         part = _PART_SHAPES[TOY_CLASSES[cls]](u, v, pose.r) & ~body
-        dark = _PATTERNS[TOY_CLASSES[cls]](u, v, np.array(pose.phase)) & body
+        dark = _PATTERNS[TOY_CLASSES[cls]](u, v, pose.phase) & body
         return body, part, dark
 
     def _place_objects(
