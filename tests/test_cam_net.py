@@ -70,6 +70,22 @@ def test_state_dict_from_lightning_style_checkpoint(tmp_path, net: CAMNet) -> No
         CAMNet.state_dict_from_checkpoint(tmp_path / "missing.ckpt")
 
 
+def test_trunk_initialised_from_a_clims_checkpoint(tmp_path) -> None:
+    """IRN/DeepLab may start from a CAM checkpoint's trunk: same weights and BN statistics, strides untouched."""
+    from clims_pl.models.deeplab import DeepLabV2
+
+    net = CAMNet("resnet18_toy", num_classes=4, pretrained=False)
+    path = tmp_path / "cam.ckpt"
+    net.backbone.bn1.running_mean.fill_(0.25)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, path)
+    seg = DeepLabV2("resnet18_toy", num_classes=4, pretrained=str(path), msc_scales=())
+    torch.testing.assert_close(seg.backbone.layer3[0].conv1.weight, net.backbone.layer3[0].conv1.weight)
+    assert torch.all(seg.backbone.bn1.running_mean == 0.25)
+    assert seg.backbone.layer4[0].conv1.dilation == (4, 4)
+    with pytest.raises(ValueError, match=r"model\.net\.pretrained=.*does not match model\.net\.backbone='resnet18'"):
+        CAMNet("resnet18", num_classes=4, pretrained=str(path))
+
+
 def test_pretrained_offline_gives_clear_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -164,5 +164,5 @@ def test_toy_experiment_composes(compose_cfg):
     cfg = compose_cfg("train", ["experiment=toy_clims", "model.init_ckpt=/some/cam.ckpt"])
     clip = cfg.model.objective.evaluator
     assert (clip.model, clip.pretrained, clip.precision) == ("clims-tiny-vit", None, "fp32")
-    assert cfg.model.net.backbone == "resnet18" and cfg.model.net.bn_mode == "train"
+    assert cfg.model.net.backbone == "resnet18_toy" and cfg.model.net.bn_mode == "train"
     assert cfg.data.prompts == "toy" and cfg.model.init_ckpt == "/some/cam.ckpt"

@@ -203,4 +203,4 @@ def test_clip_input_size_reads_vit_pairs_and_resnet_ints() -> None:
     vit = open_clip.create_model("clims-toy-vit", pretrained=None)
     resnet = open_clip.create_model("clims-toy-rn", pretrained=None)
     assert isinstance(resnet.visual.image_size, int)
-    assert clip_input_size(vit) == 128 and clip_input_size(resnet) == 128
+    assert clip_input_size(vit) == 128 and clip_input_size(resnet) == 64

@@ -170,7 +170,7 @@ def test_toy_seg_trains_then_evaluates(voc_with_test, tmp_path: Path, compose_cf
             "model=seg",
             f"data.root={root}",
             f"ckpt={ckpt}",
-            "model.net.backbone=resnet18",
+            "+trunk@model.net=toy",  # the architecture experiment=toy_seg trained (as experiment=toy_demo does)
             "data.classes=[aeroplane,boat,cow,train]",
             "seg_eval.val_gt=voc",
             "seg_eval.device=cpu",

@@ -89,7 +89,7 @@ def test_captions_never_read_files(compose_cfg, monkeypatch) -> None:
     assert not Path(cfg.paths.data_dir).exists()
 
 
-def test_ci_run_checkpoint_cache_determinism_and_clip_config(compose_cfg, tmp_path) -> None:
+def test_ci_run_checkpoint_cache_determinism_and_clip_config(compose_cfg, tmp_path, monkeypatch) -> None:
     cfg = compose_cfg("toyclip", TINY)
     first = run(cfg)
     ckpt = Path(cfg.checkpoint)
@@ -100,14 +100,20 @@ def test_ci_run_checkpoint_cache_determinism_and_clip_config(compose_cfg, tmp_pa
 
     # The real users' path: open_clip's pretrained=<file> loader, strict.
     register_tiny_configs()
-    loaded = open_clip.create_model("clims-toy-vit", pretrained=str(ckpt))
+    loaded = open_clip.create_model(cfg.arch, pretrained=str(ckpt)).eval()  # BN towers: running statistics
     saved = torch.load(ckpt, weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
 
-    # Cache hit: no training, file untouched.
+    # Cache hit: no training, file untouched, and the stored metrics of this checkpoint are reused (no eval).
     mtime = ckpt.stat().st_mtime_ns
+    monkeypatch.setattr("clims_pl.toyclip.evaluate_toyclip", lambda *a: pytest.fail("re-evaluated a cache hit"))
     second = run(cfg)
     assert second["training"]["trained"] is False and ckpt.stat().st_mtime_ns == mtime
+    assert second["object_alone_acc"] == first["object_alone_acc"]
+    # Another eval config on the same checkpoint is evaluated again.
+    monkeypatch.undo()
+    reeval = run(compose_cfg("toyclip", [*TINY, "eval.seed=7"]))
+    assert reeval["training"]["trained"] is False and reeval["eval_config"]["seed"] == 7
     # A changed training key misses the cache.
     changed = compose_cfg("toyclip", [*TINY, "train.lr=1e-3", f"checkpoint={tmp_path}/other.pt"])
     assert ensure_toyclip(changed)["config_hash"] != second["training"]["config_hash"]
@@ -129,12 +135,12 @@ def test_ci_run_checkpoint_cache_determinism_and_clip_config(compose_cfg, tmp_pa
     labels = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0]])
     scores = evaluator(maps, images, labels)
     # The teacher was trained on to_clip_size(map) * to_clip_size(image): the evaluator scores exactly that.
-    size = clip_cfg.input_size
+    size = evaluator.input_size
     fg = to_clip_size(maps[[0, 1], [0, 2]].unsqueeze(1), size) * to_clip_size(images, size)
     with torch.no_grad():
         feats = F.normalize(loaded.encode_image(fg), dim=-1)
         text = F.normalize(
-            loaded.encode_text(open_clip.get_tokenizer("clims-toy-vit")(["a photo of aeroplane.", "a photo of cow."])),
+            loaded.encode_text(open_clip.get_tokenizer(cfg.arch)(["a photo of aeroplane.", "a photo of cow."])),
             dim=-1,
         )
     assert torch.allclose(scores.s_fg, (feats * text).sum(-1), atol=1e-5)

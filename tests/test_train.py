@@ -57,7 +57,7 @@ def test_run_writes_checkpoint_config_and_csv_metrics(toy_root: Path, compose_cf
     assert metrics["global_step"] == 4
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert "experiment" not in (out / "config.yaml").read_text()  # resolved config, groups expanded
-    assert "backbone: resnet18" in (out / "config.yaml").read_text()
+    assert "backbone: resnet18_toy" in (out / "config.yaml").read_text()
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/loss" in header and "lr-SGD" in header
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)

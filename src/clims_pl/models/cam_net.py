@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import timm
 import torch
+from timm.models import build_model_with_cfg, register_model
+from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 BNMode = Literal["fixed", "train"]
@@ -24,8 +26,9 @@ class CAMNet(nn.Module):
     Args:
         backbone: a timm ResNet name (``resnet50`` reference; ``resnet18`` for toys and tests).
         num_classes: foreground classes (no background channel).
-        pretrained: ``True`` loads timm's ``<backbone>.<pretrained_tag>`` weights, a path loads a local file,
-            ``False`` keeps random init (tests, or weights that come from a checkpoint anyway).
+        pretrained: ``True`` loads timm's ``<backbone>.<pretrained_tag>`` weights, a path loads a local file
+            (timm/torchvision weights, or a clims-pl ``.ckpt`` whose trunk is taken), ``False`` keeps random init
+            (tests, or weights that come from a checkpoint anyway).
         pretrained_tag: timm tag; ``tv_in1k`` = torchvision's original ImageNet weights, the reference init.
         bn_mode: ``fixed`` — BN always uses its stored statistics (reference FixedBatchNorm, baseline CAM);
             ``train`` — ordinary BatchNorm, batch statistics in training (CLIMS, quirk Q6).
@@ -102,7 +105,10 @@ class CAMNet(nn.Module):
 
 
 def create_trunk(backbone: str, pretrained: bool | str, tag: str) -> nn.Module:
-    """timm ResNet without head; pretrained weights from the hub (tag) or a local file, with a clear offline error."""
+    """timm ResNet without head; pretrained weights from the hub (tag) or a local file, with a clear offline error.
+
+    A local file may also be a clims-pl checkpoint (see :func:`trunk_from_checkpoint`).
+    """
     if not backbone.startswith(("resnet", "resnext", "wide_resnet")):
         raise ValueError(f"model.net.backbone={backbone!r}: CAMNet expects a timm ResNet (resnet50, resnet18, ...)")
     kwargs: dict = {"num_classes": 0, "global_pool": ""}
@@ -110,6 +116,9 @@ def create_trunk(backbone: str, pretrained: bool | str, tag: str) -> nn.Module:
         file = Path(pretrained)
         if not file.is_file():
             raise FileNotFoundError(f"model.net.pretrained={file}: no such weights file")
+        trunk = trunk_from_checkpoint(backbone, file)
+        if trunk is not None:
+            return trunk
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(file)})
         name = backbone
     elif pretrained is True:
@@ -128,6 +137,48 @@ def create_trunk(backbone: str, pretrained: bool | str, tag: str) -> nn.Module:
             "internet (python -c \"import timm; timm.create_model('" + name + "', pretrained=True)\" fills the HF "
             "cache; copy HF_HOME here) or pass model.net.pretrained=/path/to/weights.pth"
         ) from err
+
+
+#: Where a trunk sits in the checkpoints we write (CAMNet, IRN, DeepLab; Lightning or plain state dicts).
+TRUNK_PREFIXES = ("net.backbone.", "backbone.")
+
+
+def trunk_from_checkpoint(backbone: str, path: Path) -> nn.Module | None:
+    """A timm trunk loaded (strictly) from the trunk inside a clims-pl checkpoint; None for other files.
+
+    Why: the toy world has no ImageNet, so its IRN and DeepLab start from the trained toy baseline CAM's trunk,
+    the way the VOC pipeline starts them from ImageNet weights (``model.net.pretrained=<cam run>/last.ckpt``).
+    Plain timm/torchvision weight files return None and go through timm's own loader.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
+    prefix = next((p for p in TRUNK_PREFIXES if any(str(k).startswith(p) for k in state)), None)
+    if prefix is None:
+        return None
+    trunk = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="")
+    weights = {
+        k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + "fc.")
+    }
+    try:
+        trunk.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(
+            f"model.net.pretrained={path}: its trunk does not match model.net.backbone={backbone!r} "
+            f"({str(err).splitlines()[0]}); use the backbone of the model that wrote it"
+        ) from err
+    return trunk
+
+
+@register_model
+def resnet18_toy(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-18 at half width (channels 32–256, 4× fewer FLOPs): the toy world's trunk for every network.
+
+    Registered with timm so configs name it like any timm ResNet (``model.net.backbone: resnet18_toy``); it is
+    what fits the whole toy pipeline in `make demo`'s 15 minutes on 2 CPU cores. No hub weights exist.
+    """
+    args = {"block": BasicBlock, "layers": (2, 2, 2, 2), "channels": (32, 64, 128, 256), "stem_width": 32}
+    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {"num_classes": 0}  # no hub weights: no warning
+    return build_model_with_cfg(ResNet, "resnet18_toy", pretrained, **{**args, **kwargs})
 
 
 def set_layer4_stride1(trunk: nn.Module) -> None:
