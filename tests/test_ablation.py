@@ -203,15 +203,16 @@ def test_toy_grid_two_jobs(
     from clims_pl.cli import reproduce_main
 
     _ci_experiment(tmp_path / "conf", toy_root)
-    sweep = tmp_path / "sweep"
+    # No hydra.sweep.dir / paths.root_dir / CLIMS_ROOT: the default sweep folder under the launch directory must
+    # resolve in the sweeper (it once used ${hydra:runtime.cwd}, unset there, and every real multirun failed).
+    monkeypatch.delenv("CLIMS_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
     argv = [
         "clims-reproduce",
         "-m",
         "experiment=toy_ablation_ci",
         "ablation=otm,otm_btm_reg_cbs",
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-        f"hydra.sweep.dir={sweep}",
-        f"paths.root_dir={tmp_path}",
         "print_config=false",
         "pipeline.logger=wandb",
     ]
@@ -220,6 +221,7 @@ def test_toy_grid_two_jobs(
         reproduce_main()
     finally:
         GlobalHydra.instance().clear()
+    (sweep,) = [p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir()]
     out = capsys.readouterr().out
     # The shared baseline ran once (job 0) and was skipped by its manifest in job 1.
     assert out.count("✓ cam up to date") == 1 and out.count("✓ eval_cam up to date") == 1
@@ -244,7 +246,7 @@ def test_toy_grid_two_jobs(
     assert (sweep / "ablation.md").read_text().count("\n| ") == 3  # header + 2 jobs
     # Every wandb run of the sweep (the shared baseline's, each job's) is in one group; the table went there too.
     configs = [shared / "cam", *(Path(r["run_dir"]) / "clims" for r in rows)]
-    assert {OmegaConf.load(c / "config.yaml").logger.wandb.group for c in configs} == {"toy_ablation_sweep"}
+    assert {OmegaConf.load(c / "config.yaml").logger.wandb.group for c in configs} == {f"toy_ablation_{sweep.name}"}
     table = next(sweep.glob("wandb/offline-run-*/files/media/table/ablation_*.table.json"))
     assert len(json.loads(table.read_text())["data"]) == 2
 

@@ -19,6 +19,11 @@ CONF_DIR = Path(os.environ.get("CLIMS_CONF_DIR", Path(__file__).resolve().parent
 def _register() -> None:
     if not OmegaConf.has_resolver("len"):
         OmegaConf.register_new_resolver("len", lambda x: len(x))
+    # ${cwd:} = the launch directory (hydra.job.chdir is false). Not ${hydra:runtime.cwd}: a multirun's sweeper
+    # resolves hydra.sweep.dir before HydraConfig exists, so that interpolation fails there ("HydraConfig was
+    # not set") and `clims-reproduce -m ...` could not start without CLIMS_ROOT.
+    if not OmegaConf.has_resolver("cwd"):
+        OmegaConf.register_new_resolver("cwd", os.getcwd)
 
 
 _register()
