@@ -27,7 +27,7 @@ class CAMNet(nn.Module):
         backbone: a timm ResNet name (``resnet50`` reference; ``resnet18`` for toys and tests).
         num_classes: foreground classes (no background channel).
         pretrained: ``True`` loads timm's ``<backbone>.<pretrained_tag>`` weights, a path loads a local file
-            (timm/torchvision weights, or a clims-pl ``.ckpt`` whose trunk is taken), ``False`` keeps random init
+            (timm/torchvision weights, or a clims-pl checkpoint whose trunk is taken), ``False`` keeps random init
             (tests, or weights that come from a checkpoint anyway).
         pretrained_tag: timm tag; ``tv_in1k`` = torchvision's original ImageNet weights, the reference init.
         bn_mode: ``fixed`` — BN always uses its stored statistics (reference FixedBatchNorm, baseline CAM);
@@ -156,9 +156,7 @@ def trunk_from_checkpoint(backbone: str, path: Path) -> nn.Module | None:
     if prefix is None:
         return None
     trunk = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="")
-    weights = {
-        k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + "fc.")
-    }
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     try:
         trunk.load_state_dict(weights)
     except RuntimeError as err:
