@@ -28,9 +28,9 @@ class IRNet(nn.Module):
     """Frozen ResNet trunk + boundary branch; ``forward`` gives stride-4 edge logits.
 
     Args:
-        backbone: timm ResNet name (``resnet50`` reference, ``resnet18`` for toys).
+        backbone: timm ResNet name (``resnet50`` reference, ``resnet18_toy`` for the toy world).
         pretrained / pretrained_tag: as :class:`CAMNet` (reference init = ``tv_in1k``, IRN does **not** start from
-            the CAM or CLIMS weights).
+            the CAM or CLIMS weights; the toy pipeline passes its CAM checkpoint here, for lack of ImageNet).
         inference_pad: :meth:`edge_map` pads images with zeros (the mean colour after normalisation) on the
             right/bottom to this size before the forward, as the reference ``EdgeDisplacement(crop_size=512)``;
             ``None`` runs on the unpadded image.
