@@ -139,21 +139,16 @@ def create_trunk(backbone: str, pretrained: bool | str, tag: str) -> nn.Module:
         ) from err
 
 
-#: Where a trunk sits in the checkpoints we write (CAMNet, IRN, DeepLab; Lightning or plain state dicts).
-TRUNK_PREFIXES = ("net.backbone.", "backbone.")
-
-
 def trunk_from_checkpoint(backbone: str, path: Path) -> nn.Module | None:
     """A timm trunk loaded (strictly) from the trunk inside a clims-pl checkpoint; None for other files.
 
     Why: the toy world has no ImageNet, so its IRN and DeepLab start from the trained toy baseline CAM's trunk,
     the way the VOC pipeline starts them from ImageNet weights (``model.net.pretrained=<cam run>/last.ckpt``).
-    Plain timm/torchvision weight files return None and go through timm's own loader.
+    Plain timm/torchvision weight files (no ``backbone.*`` keys) return None and go through timm's own loader.
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
-    prefix = next((p for p in TRUNK_PREFIXES if any(str(k).startswith(p) for k in state)), None)
-    if prefix is None:
+    state = CAMNet.state_dict_from_checkpoint(path)  # Lightning (net.*) or plain state dict
+    prefix = "backbone."
+    if not any(str(k).startswith(prefix) for k in state):
         return None
     trunk = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="")
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
