@@ -1,4 +1,4 @@
-"""Hydra/OmegaConf glue: where the configs live and the resolvers they use.
+"""Hydra/OmegaConf glue: where the configs live, the resolvers they use, and the range check of config values.
 
 Importing this module registers the resolvers, so every entry point and test that composes configs
 imports it first.
@@ -6,8 +6,11 @@ imports it first.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -27,3 +30,38 @@ def _register() -> None:
 
 
 _register()
+
+
+def check_number(
+    key: str,
+    value: object,
+    *,
+    integer: bool = False,
+    ge: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    hint: str = "",
+) -> Any:
+    """``value`` as a finite number (``int`` when ``integer``) within the bounds, else one ValueError naming ``key``.
+
+    The constructors that configs instantiate call this on their arguments with the config key they come from
+    (``loss.alpha``, ``data.batch_size``), so a wrong setting fails when the config is built, with the key and
+    the allowed range, instead of training something else or crashing later without naming it.
+    """
+    bounds = [f"{op} {b:g}" for op, b in ((">=", ge), (">", gt), ("<", lt)) if b is not None]
+    allowed = ("an integer" if integer else "a number") + (" " + " and ".join(bounds) if bounds else "")
+    number = None
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError, ValueError):
+            number = float(value)  # type: ignore[arg-type]
+    ok = (
+        number is not None
+        and math.isfinite(number)
+        and (not integer or number.is_integer())
+        and (ge is None or number >= ge)
+        and (gt is None or number > gt)
+        and (lt is None or number < lt)
+    )
+    if not ok:
+        raise ValueError(f"{key}={value!r} is invalid: it must be {allowed}{f' ({hint})' if hint else ''}")
+    return int(number) if integer else number

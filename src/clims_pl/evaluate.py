@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from PIL import Image
 from tqdm import tqdm
 
 from clims_pl.cams import load_cam
@@ -124,13 +123,12 @@ def evaluate_cams(
 
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
     """(H, W) uint8 indices of a palette or grey-level label PNG, with a clear error when missing or RGB."""
+    from clims_pl.data.voc import decode_image
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: label PNG missing; run the stage that writes this folder first")
-    with Image.open(path) as img:
-        if img.mode not in ("P", "L"):
-            raise ValueError(f"{path} is mode {img.mode}: expected a palette or grey-level index PNG")
-        return np.asarray(img, dtype=np.uint8)
+    return decode_image(path, path.stem, index=True)
 
 
 def evaluate_label_dir(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clims_pl.config import check_number
 from clims_pl.models.clip_evaluator import ClipEvaluator
 from clims_pl.prompts.bank import PromptBank
 
@@ -74,13 +75,21 @@ class ClimsObjective(nn.Module):
     ) -> None:
         super().__init__()
         self.evaluator = evaluator
-        self.weights = {
-            "otm": float(alpha) if enable_otm else 0.0,
-            "btm": float(beta) if enable_btm else 0.0,
-            "cbs": float(gamma) if enable_cbs else 0.0,
-            "reg": float(delta) if enable_reg else 0.0,
+        # Config keys as in conf/loss; a negative weight would turn its term into a reward and still exit 0.
+        given = {
+            "otm": ("alpha", alpha, enable_otm),
+            "btm": ("beta", beta, enable_btm),
+            "cbs": ("gamma", gamma, enable_cbs),
+            "reg": ("delta", delta, enable_reg),
         }
-        self.cbs_threshold = float(cbs_threshold)
+        self.weights = {}
+        for term, (key, value, enabled) in given.items():
+            weight = check_number(f"loss.{key}", value, ge=0)
+            self.weights[term] = weight if enabled else 0.0
+        # Similarities are cosines: a threshold outside (-1, 1) would keep L_CBS always on or always off.
+        self.cbs_threshold = check_number(
+            "loss.cbs_threshold", cbs_threshold, gt=-1, lt=1, hint="a CLIP cosine similarity; the reference uses 0.26"
+        )
 
     @property
     def uses_cbs(self) -> bool:

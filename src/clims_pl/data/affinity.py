@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from clims_pl.config import check_number
 from clims_pl.data.segmentation import load_label, to_tensor
 from clims_pl.data.transforms import IGNORE_INDEX, imagenet_normalize, pil_resize
 from clims_pl.data.voc import load_image, read_split
@@ -129,8 +130,14 @@ class AffinityDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.root, self.label_dir, self.classes = Path(root), Path(label_dir), list(classes)
-        self.train_split, self.batch_size, self.num_workers = train_split, batch_size, num_workers
-        self.crop_size, self.rescale, self.flip = crop_size, tuple(rescale), flip
+        self.train_split = train_split
+        self.batch_size = check_number("data.batch_size", batch_size, integer=True, ge=1)
+        self.num_workers = check_number("data.num_workers", num_workers, integer=True, ge=0)
+        self.crop_size = check_number("data.crop_size", crop_size, integer=True, ge=1)
+        self.rescale = tuple(check_number("data.rescale", s, gt=0) for s in rescale)
+        if len(self.rescale) != 2 or self.rescale[0] > self.rescale[1]:
+            raise ValueError(f"data.rescale={list(rescale)} is invalid: it must be [lo, hi] with 0 < lo <= hi")
+        self.flip = flip
 
     @property
     def num_classes(self) -> int:

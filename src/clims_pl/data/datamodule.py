@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import albumentations as A
 import lightning as L
@@ -19,12 +19,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from clims_pl.config import check_number
 from clims_pl.data.toy import generate_toy
 from clims_pl.data.transforms import imagenet_normalize, pil_resize, train_transform, val_transform
-from clims_pl.data.voc import image_labels, load_image, read_split, validate_voc_root
-
-if TYPE_CHECKING:
-    from clims_pl.prompts.bank import PromptBank
+from clims_pl.data.voc import check_train_aug, image_labels, load_image, read_split, validate_voc_root
+from clims_pl.prompts.bank import PromptBank, load_prompt_bank
 
 
 class ClassificationDataset(Dataset):
@@ -138,20 +137,36 @@ class VOCDataModule(L.LightningDataModule):
         label_cache_dir: str | os.PathLike | None = None,
         predict_batch_size: int = 1,
         toy: Mapping[str, Any] | None = None,
+        expected_train_aug: int | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__()
-        # Plain containers (not OmegaConf nodes) so checkpoints and hparams stay portable.
+        # Plain containers (not OmegaConf nodes) so checkpoints and hparams stay portable; every value is
+        # checked here, when the config is built, with its data.* key.
         root = str(root)
         classes = _validate_classes(classes)
-        resize_long = None if resize_long is None else [int(v) for v in resize_long]
-        scales = [float(s) for s in scales]
+        batch_size = check_number("data.batch_size", batch_size, integer=True, ge=1)
+        predict_batch_size = check_number("data.predict_batch_size", predict_batch_size, integer=True, ge=1)
+        num_workers = check_number("data.num_workers", num_workers, integer=True, ge=0)
+        crop_size = check_number("data.crop_size", crop_size, integer=True, ge=1)
+        if resize_long is not None:
+            resize_long = [check_number("data.resize_long", v, integer=True, ge=1) for v in resize_long]
+            if len(resize_long) != 2 or resize_long[0] > resize_long[1]:
+                raise ValueError(
+                    f"data.resize_long={resize_long} is invalid: it must be [lo, hi] with lo <= hi, or null"
+                )
+        scales = [check_number("data.scales", s, gt=0) for s in scales]
+        if expected_train_aug is not None:
+            expected_train_aug = check_number("data.expected_train_aug", expected_train_aug, integer=True, ge=1)
         label_cache_dir = None if label_cache_dir is None else str(label_cache_dir)
         toy = None if toy is None else {str(k): v for k, v in dict(toy).items()}
         if not scales:
             raise ValueError("data.scales is empty: give at least one inference scale, e.g. [1.0]")
         self.save_hyperparameters(logger=False)
         self._splits: dict[str, tuple[list[str], np.ndarray]] = {}
-        self._prompt_bank: PromptBank | None = None
+        # Read now: the bank must list exactly data.classes, so a misspelt class fails here, also in the
+        # baseline (which never uses prompts) instead of training a class no annotation ever names.
+        self._prompt_bank: PromptBank = load_prompt_bank(prompts, classes=classes)
 
     # ------------------------------------------------------------------------------------------ metadata
     @property
@@ -168,11 +183,7 @@ class VOCDataModule(L.LightningDataModule):
 
     @property
     def prompt_bank(self) -> PromptBank:
-        """Class text names, templates and background prompts of this dataset (loaded on first use)."""
-        if self._prompt_bank is None:
-            from clims_pl.prompts.bank import load_prompt_bank
-
-            self._prompt_bank = load_prompt_bank(self.hparams.prompts, classes=self.classes)
+        """Class text names, templates and background prompts of this dataset."""
         return self._prompt_bank
 
     # ----------------------------------------------------------------------------------------- lifecycle
@@ -194,7 +205,11 @@ class VOCDataModule(L.LightningDataModule):
         """(ids, (N, C) labels) of a split, read once and memoised."""
         if name not in self._splits:
             ids = read_split(self.root, name)
-            labels = image_labels(self.root, ids, self.classes, self.hparams.label_cache_dir)
+            if name == "train_aug" and self.hparams.expected_train_aug is not None:
+                check_train_aug(self.root, ids, self.hparams.expected_train_aug, strict=self.hparams.strict)
+            labels = image_labels(
+                self.root, ids, self.classes, self.hparams.label_cache_dir, strict=self.hparams.strict
+            )
             self._splits[name] = (ids, labels)
         return self._splits[name]
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from clims_pl.config import check_number
 from clims_pl.data.transforms import IGNORE_INDEX, imagenet_normalize, pil_resize
 from clims_pl.data.voc import load_image, load_mask, read_split
 from clims_pl.evaluate import read_label_png
@@ -161,8 +162,11 @@ class SegDataModule(L.LightningDataModule):
         super().__init__()
         self.root, self.label_dir, self.classes = Path(root), Path(label_dir), list(classes)
         self.train_split, self.val_split = train_split, val_split
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.crop_size, self.scales, self.flip = crop_size, tuple(scales), flip
+        self.batch_size = check_number("data.batch_size", batch_size, integer=True, ge=1)
+        self.num_workers = check_number("data.num_workers", num_workers, integer=True, ge=0)
+        self.crop_size = check_number("data.crop_size", crop_size, integer=True, ge=1)
+        self.scales = tuple(check_number("data.scales", s, gt=0) for s in scales)
+        self.flip = flip
         self.normalization, self.val_gt = normalization, val_gt
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +111,32 @@ def read_split(root: str | os.PathLike, split: str) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+#: Size of train_aug on the standard VOC2012 + SBD data (the reference's list); data.expected_train_aug.
+VOC_TRAIN_AUG_SIZE = 10582
+
+
+def check_train_aug(root: str | os.PathLike, ids: Sequence[str], expected: int, *, strict: bool = False) -> None:
+    """Compare the derived train_aug with its expected size (data.expected_train_aug); warn, or with ``strict`` raise.
+
+    The message gives the counts train_aug is derived from, so an incomplete SBD extraction or another
+    dataset version is recognisable before every number downstream silently changes.
+    """
+    if len(ids) == expected:
+        return
+    root = Path(root)
+    n_aug = sum(1 for _ in (root / _AUG).glob("*.png"))
+    n_train, n_val = len(read_split(root, "train")), len(read_split(root, "val"))
+    message = (
+        f"train_aug of {root} has {len(ids)} ids, data.expected_train_aug={expected}: it is derived from "
+        f"{n_aug} {_AUG}/ masks ∪ {n_train} train ids − {n_val} val ids (standard VOC2012 + SBD: 12031 masks, "
+        f"1464 train, 1449 val → {VOC_TRAIN_AUG_SIZE}); re-extract with `clims-data download voc --root {root}`, "
+        "or set data.expected_train_aug=null for another dataset"
+    )
+    if strict:
+        raise VOCRootError(f"{message} (data.strict=true)")
+    warnings.warn(f"{message} (data.strict=true makes this an error)", stacklevel=2)
+
+
 def _labels_cache_key(root: Path, ids: Sequence[str], classes: Sequence[str]) -> str:
     """Hash of everything the labels depend on; Annotations/'s inode+mtime catch a regenerated dataset."""
     ann = (root / "Annotations").stat()
@@ -124,19 +151,46 @@ def _labels_cache_key(root: Path, ids: Sequence[str], classes: Sequence[str]) ->
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def parse_labels(xml_path: Path, classes: Sequence[str]) -> np.ndarray:
-    """Multi-hot (C,) float32 from one Annotations XML.
+def parse_labels(xml_path: Path, classes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Multi-hot (C,) float32 from one Annotations XML, and the names of its objects outside ``classes``.
 
     Every ``<name>`` element whose text is a class name counts, whatever its difficult/truncated flags, as in
-    the reference's make_cls_labels (§1.2); other names (object parts, classes outside ``classes``) are ignored.
+    the reference's make_cls_labels (§1.2); other names (object parts, owners) are ignored. Objects
+    (``<object><name>``) of another class are returned so that the caller can report them (VOC has none).
     """
     index = {name: i for i, name in enumerate(classes)}
     label = np.zeros(len(classes), dtype=np.float32)
-    for node in ET.parse(xml_path).getroot().iter("name"):
+    tree = ET.parse(xml_path).getroot()
+    for node in tree.iter("name"):
         i = index.get((node.text or "").strip())
         if i is not None:
             label[i] = 1.0
-    return label
+    unknown = [name for node in tree.iterfind("object/name") if (name := (node.text or "").strip()) not in index]
+    return label, unknown
+
+
+def _report_unknown_objects(root: Path, unknown: dict[str, list[str]], *, strict: bool) -> None:
+    """Warn (or with ``strict`` raise) about objects whose class is not in data.classes: they get no label.
+
+    ``unknown`` maps each such name to the XML files naming it (once per object).
+    """
+    if not unknown:
+        return
+
+    def files(names: list[str]) -> str:
+        unique = sorted(set(names))
+        more = f" and {len(unique) - 10} more" if len(unique) > 10 else ""
+        return ", ".join(unique[:10]) + more
+
+    detail = "; ".join(f"{name} ×{len(xmls)} in {files(xmls)}" for name, xmls in sorted(unknown.items()))
+    total = sum(len(xmls) for xmls in unknown.values())
+    message = (
+        f"{root / 'Annotations'}: {total} object(s) have a class name not in data.classes and give no "
+        f"image-level label: {detail}; add the class to data.classes (and the prompt bank) if it is one"
+    )
+    if strict:
+        raise VOCRootError(f"{message}, or set data.strict=false to ignore such objects")
+    warnings.warn(f"{message} (data.strict=true makes this an error)", stacklevel=3)
 
 
 def image_labels(
@@ -144,8 +198,13 @@ def image_labels(
     ids: Sequence[str],
     classes: Sequence[str],
     cache_dir: str | os.PathLike | None,
+    *,
+    strict: bool = False,
 ) -> np.ndarray:
     """(len(ids), C) float32 multi-hot labels from ``Annotations/<id>.xml``, cached in ``cache_dir``.
+
+    Objects whose class is not in ``classes`` give no label and are reported on every call (cached too): a
+    warning with the counts and files, or with ``strict`` (data.strict) a VOCRootError.
 
     The cache never lives inside the dataset root (which may be read-only or shared) and its name hashes the
     root, its Annotations folder, the class list and the id list, so any change recomputes. ``cache_dir=None``
@@ -159,12 +218,14 @@ def image_labels(
         if cache.is_file():
             try:
                 with np.load(cache) as data:
-                    labels = data["labels"]
+                    labels, unknown = data["labels"], json.loads(str(data["unknown"]))
                 if labels.shape == (len(ids), len(classes)):
+                    _report_unknown_objects(root, unknown, strict=strict)
                     return labels
             except (OSError, ValueError, KeyError):
-                pass  # unreadable cache: rebuild it below
+                pass  # unreadable or older cache: rebuild it below
     labels = np.zeros((len(ids), len(classes)), dtype=np.float32)
+    unknown: dict[str, list[str]] = {}
     for row, image_id in enumerate(ids):
         xml_path = root / "Annotations" / f"{image_id}.xml"
         if not xml_path.is_file():
@@ -172,16 +233,44 @@ def image_labels(
                 f"{xml_path} not found: the split lists an id the dataset lacks; "
                 f"re-extract with `clims-data download voc --root {root}`"
             )
-        labels[row] = parse_labels(xml_path, classes)
+        labels[row], names = parse_labels(xml_path, classes)
+        for name in names:
+            unknown.setdefault(name, []).append(xml_path.name)
     if cache is not None:
-        atomic_save_npz(cache, labels=labels)
+        atomic_save_npz(cache, labels=labels, unknown=np.array(json.dumps(unknown)))
+    _report_unknown_objects(root, unknown, strict=strict)
     return labels
+
+
+class ImageFileError(OSError):
+    """An image or mask file that cannot be decoded; the message names the image id and the path."""
+
+
+def decode_image(path: str | os.PathLike, image_id: str, *, index: bool = False) -> np.ndarray:
+    """Open and fully decode one file: (H, W, 3) uint8 RGB, or with ``index`` the (H, W) uint8 values of a palette
+    or grey-level PNG. Every loader reads through here so that a missing or corrupt file (PIL's "image file is
+    truncated" names neither) is reported with the image id and the path.
+    """
+    path = Path(path)
+    hint = "re-extract the dataset or remove the id from the split; `clims-data check --deep` lists every bad file"
+    try:
+        with Image.open(path) as img:
+            if index and img.mode not in ("P", "L"):
+                raise VOCRootError(
+                    f"image {image_id}: {path} is mode {img.mode}: expected a palette or grey-level index PNG"
+                )
+            return np.asarray(img, dtype=np.uint8).copy() if index else np.asarray(img.convert("RGB"))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"image {image_id}: {path} not found; {hint}") from err
+    except VOCRootError:
+        raise
+    except (OSError, SyntaxError, EOFError, ValueError) as err:  # what PIL raises for corrupt or truncated data
+        raise ImageFileError(f"image {image_id}: cannot decode {path} ({err}); {hint}") from err
 
 
 def load_image(root: str | os.PathLike, image_id: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB of ``JPEGImages/<id>.jpg``."""
-    with Image.open(Path(root) / "JPEGImages" / f"{image_id}.jpg") as img:
-        return np.asarray(img.convert("RGB"))
+    return decode_image(Path(root) / "JPEGImages" / f"{image_id}.jpg", image_id)
 
 
 def load_mask(root: str | os.PathLike, image_id: str, aug: bool = False) -> np.ndarray:
@@ -190,11 +279,7 @@ def load_mask(root: str | os.PathLike, image_id: str, aug: bool = False) -> np.n
     ``aug=False`` reads VOC's ``SegmentationClass`` (palette PNGs with 255 boundaries), ``aug=True`` SBD's
     ``SegmentationClassAug`` (grey-level PNGs); both decode to indices.
     """
-    folder = _AUG if aug else "SegmentationClass"
-    with Image.open(Path(root) / folder / f"{image_id}.png") as img:
-        if img.mode not in ("P", "L"):
-            raise VOCRootError(f"{img.filename} is mode {img.mode}: expected a palette or grey-level index PNG")
-        return np.asarray(img, dtype=np.uint8).copy()
+    return decode_image(Path(root) / (_AUG if aug else "SegmentationClass") / f"{image_id}.png", image_id, index=True)
 
 
 def save_label_png(path: str | os.PathLike, label: np.ndarray) -> None:

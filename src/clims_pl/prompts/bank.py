@@ -112,8 +112,14 @@ def _validate(bank: PromptBank, path: Path, classes: Sequence[str] | None) -> No
     if classes is not None and tuple(classes) != bank.classes:
         missing = [c for c in classes if c not in bank.classes]
         extra = [c for c in bank.classes if c not in classes]
-        detail = f"missing {missing}, unknown {extra}" if missing or extra else "same names, different order"
+        detail = (
+            f"missing {missing} (names in data.classes the bank does not know), unknown {extra} (bank names "
+            "not in data.classes)"
+            if missing or extra
+            else "same names, different order"
+        )
         raise PromptBankError(
-            f"{path}: 'classes' must equal data.classes in the same order ({detail}); "
-            "fix the bank or point data.prompts at the right one"
+            f"data.classes must equal the 'classes' of the prompt bank {path} in the same order ({detail}); "
+            f"known classes: {list(bank.classes)}; fix the spelling in data.classes or point data.prompts at "
+            "the bank of this dataset"
         )
