@@ -3,17 +3,35 @@
 clims-data download voc --root data/VOCdevkit/VOC2012     # VOC2012 trainval + SBD SegmentationClassAug
 clims-data toy --root data/toy                             # the procedural toy world (seconds, offline)
 clims-data check --root data/VOCdevkit/VOC2012             # validate a root and count its splits
+clims-data check --deep --root data/VOCdevkit/VOC2012      # ... and decode every listed image and mask
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
 from clims_pl.data import download, toy
-from clims_pl.data.voc import VOC_CLASSES, image_labels, read_split, validate_voc_root
+from clims_pl.data.voc import (
+    VOC_CLASSES,
+    VOC_TRAIN_AUG_SIZE,
+    ImageFileError,
+    VOCRootError,
+    check_train_aug,
+    decode_image,
+    image_labels,
+    read_split,
+    validate_voc_root,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,10 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         help="validate a VOC-layout root and count its splits",
-        description="Validate ROOT, print split sizes "
-        "and label statistics (labels parsed from Annotations/, not cached).",
+        description="Validate ROOT, print split sizes and label statistics (labels parsed from Annotations/, "
+        "not cached). Without --deep only the folders, split lists and XMLs are read: a missing or corrupt "
+        "image or mask passes. --deep also decodes every listed image and mask and checks ids, mask values "
+        "(0..C or 255) and mask size = image size, then exits 1 naming every bad file.",
     )
     check.add_argument("--root", required=True, type=Path, help="a VOC2012 or toy root")
+    check.add_argument("--deep", action="store_true", help="decode every listed image and mask (minutes on VOC)")
     return parser
 
 
@@ -106,15 +127,29 @@ def _toy(args: argparse.Namespace) -> None:
     _check(root)
 
 
-def _check(root: Path) -> None:
-    """Print split sizes and label statistics (mean/min classes per image, images per class)."""
+def _check_command(args: argparse.Namespace) -> None:
+    _check(args.root, args.deep)
+    if not args.deep:
+        print("  images and masks were not opened: `clims-data check --deep` decodes every listed file")
+
+
+def _check(root: Path, deep: bool = False) -> None:
+    """Print split sizes and label statistics (mean/min classes per image, images per class); with ``deep``
+    first decode every listed file and raise naming all bad ones."""
     root = validate_voc_root(root)
-    classes = list(toy.TOY_CLASSES) if toy.read_toy_meta(root) is not None else list(VOC_CLASSES)
+    is_toy = toy.read_toy_meta(root) is not None
+    classes = list(toy.TOY_CLASSES) if is_toy else list(VOC_CLASSES)
     names = sorted(p.stem for p in (root / "ImageSets" / "Segmentation").glob("*.txt") if p.stem != "train_aug")
     if (root / "SegmentationClassAug").is_dir():
         names.append("train_aug")
-    for name in names:
-        ids = read_split(root, name)
+    splits = {name: read_split(root, name) for name in names}
+    if deep:
+        problems = _deep_check(root, splits, len(classes))
+        for problem in problems:
+            print(f"  bad: {problem}", file=sys.stderr)
+        if problems:
+            raise VOCRootError(f"{root}: {len(problems)} bad file(s) or id(s), listed above")
+    for name, ids in splits.items():
         line = f"  {name:<10} {len(ids):>6} ids"
         if name != "test" and ids:
             labels = image_labels(root, ids, classes, None)
@@ -122,12 +157,82 @@ def _check(root: Path) -> None:
             per_class = ", ".join(f"{c} {int(n)}" for c, n in zip(classes, labels.sum(0), strict=True))
             line += f"; classes/image mean {per_image.mean():.3f} min {int(per_image.min())}; {per_class}"
         print(line)
+    if "train_aug" in splits and not is_toy:
+        check_train_aug(root, splits["train_aug"], VOC_TRAIN_AUG_SIZE)
+
+
+#: A split id must be a plain file name (VOC: 2007_000032).
+_ID = re.compile(r"[\w.-]+")
+
+
+def _deep_check(root: Path, splits: dict[str, list[str]], num_classes: int) -> list[str]:
+    """Every problem of the listed files, one ``path: what`` line each (all of them, not only the first).
+
+    Ids: no duplicates or path characters in a split list. Every id: ``JPEGImages/<id>.jpg`` decodes. Ids of
+    the listed splits except test: an Annotations XML that parses and a ``SegmentationClass`` mask. Val ids
+    (and any id that has one): a ``SegmentationClassAug`` mask. Masks decode to index PNGs with values in
+    0..C or 255, of the image's size.
+    """
+    problems: list[str] = []
+    listed = root / "ImageSets" / "Segmentation"
+    for name, ids in splits.items():
+        where = f"{listed / name}.txt" if name != "train_aug" else "train_aug"
+        problems += [
+            f"{where}: id {i!r} is listed more than once" for i in sorted({i for i in ids if ids.count(i) > 1})
+        ]
+        problems += [f"{where}: id {i!r} is not a file name" for i in ids if not _ID.fullmatch(i)]
+    labelled = {i for name, ids in splits.items() if name not in ("test", "train_aug") for i in ids}
+    aug_required = set(splits.get("val", [])) if (root / "SegmentationClassAug").is_dir() else set()
+    every = sorted({i for ids in splits.values() for i in ids if _ID.fullmatch(i)})
+
+    def check_id(image_id: str) -> list[str]:
+        found: list[str] = []
+        image = _decode_or_report(root / "JPEGImages" / f"{image_id}.jpg", image_id, False, found)
+        masks = []
+        if image_id in labelled:
+            xml = root / "Annotations" / f"{image_id}.xml"
+            try:
+                ET.parse(xml)
+            except (OSError, ET.ParseError) as err:
+                found.append(f"{xml}: {'missing' if isinstance(err, FileNotFoundError) else err}")
+            masks.append(root / "SegmentationClass" / f"{image_id}.png")
+        aug = root / "SegmentationClassAug" / f"{image_id}.png"
+        if image_id in aug_required or aug.is_file():
+            masks.append(aug)
+        for path in masks:
+            mask = _decode_or_report(path, image_id, True, found)
+            if mask is None:
+                continue
+            bad = sorted(set(np.unique(mask).tolist()) - {*range(num_classes + 1), 255})
+            if bad:
+                found.append(f"{path}: values {bad} outside 0..{num_classes} and 255")
+            if image is not None and mask.shape != image.shape[:2]:
+                found.append(f"{path}: size {mask.shape} differs from the image's {image.shape[:2]}")
+        return found
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for found in tqdm(pool.map(check_id, every), total=len(every), desc="check --deep", unit=" ids"):
+            problems += found
+    return problems
+
+
+def _decode_or_report(path: Path, image_id: str, index: bool, found: list[str]) -> np.ndarray | None:
+    """decode_image, or None with a ``path: what`` line added to ``found``."""
+    try:
+        return decode_image(path, image_id, index=index)
+    except FileNotFoundError:
+        found.append(f"{path}: missing")
+    except ImageFileError as err:
+        found.append(f"{path}: cannot decode ({err.__cause__})")
+    except VOCRootError as err:
+        found.append(str(err))
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``clims-data``; errors print one line and return exit status 1."""
     args = _parser().parse_args(argv)
-    commands = {"download": _download, "toy": _toy, "check": lambda a: _check(a.root)}
+    commands = {"download": _download, "toy": _toy, "check": _check_command}
     try:
         commands[args.command](args)
     except (ValueError, download.DownloadError, OSError) as err:

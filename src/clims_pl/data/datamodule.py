@@ -118,6 +118,8 @@ class VOCDataModule(L.LightningDataModule):
 
     ``toy`` (a mapping of :func:`clims_pl.data.toy.generate_toy` options: seed, size, n_train_aug, n_train,
     n_val) makes the module generate the toy world into ``root`` when it is missing; null for real datasets.
+    ``expected_train_aug`` (10582 for VOC2012 + SBD, null for the toy world) is checked when train_aug is read;
+    ``strict`` turns that and objects of unknown classes in the XMLs from warnings into errors.
     """
 
     def __init__(
