@@ -47,7 +47,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
     )
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out / "checkpoints")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a resumed checkpoint never unpickles code (ours hold plain containers only).
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["global_step"] = trainer.global_step
     if trainer.optimizers:
