@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from clims_pl.io import atomic_write_json
+from clims_pl.models.checkpoint import load_error
 from clims_pl.runtime import instantiate_group, log, prepare_run
 
 
@@ -48,7 +50,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out / "checkpoints")
     # weights_only: a resumed checkpoint never unpickles code (ours hold plain containers only).
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise load_error("ckpt_path", ckpt_path, err) from err
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["global_step"] = trainer.global_step
     if trainer.optimizers:

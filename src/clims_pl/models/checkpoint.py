@@ -129,7 +129,7 @@ def load_error(key: str, path: str | os.PathLike, err: BaseException) -> Checkpo
             f"{key}={path}: refused, the file holds pickled objects other than tensors and plain containers "
             "(clims-pl never unpickles code from a checkpoint); re-save only its state_dict from a trusted session"
         )
-    return CheckpointError(f"{key}={path}: not a PyTorch weights file ({type(err).__name__}: {first})")
+    return CheckpointError(f"{key}={path}: not loadable as weights ({type(err).__name__}: {first or 'empty'})")
 
 
 def read_file(path: str | os.PathLike, key: str = "ckpt") -> Any:
