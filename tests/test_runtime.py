@@ -21,3 +21,15 @@ def test_tf32_switch_sets_both_flags_and_is_recorded(tmp_path: Path, compose_cfg
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_one_override_switches_tf32_in_every_pipeline_stage(tmp_path: Path) -> None:
+    from conftest import compose_config
+
+    from clims_pl.pipeline import compose_stage, stages_from_config
+
+    cfg = compose_config("reproduce", tmp_path, ["experiment=toy_demo", 'pipeline.common=["runtime.tf32=true"]'])
+    common = list(cfg.pipeline.common)
+    for stage in stages_from_config(cfg.pipeline):
+        composed = compose_stage(stage, stage.folder(tmp_path), tmp_path, common)
+        assert composed.runtime.tf32 is True, stage.name
