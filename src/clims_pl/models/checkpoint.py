@@ -27,7 +27,10 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import nn
+
+from clims_pl.io import atomic_path
 
 Rename = tuple[str, str | Callable[[re.Match[str]], str]]
 _BLOCK_PARTS = {"reduce": ("conv1", "bn1"), "conv3x3": ("conv2", "bn2"), "increase": ("conv3", "bn3")}
@@ -201,7 +204,7 @@ def load_weights(
     return layout
 
 
-def load_net(net_cfg: Any, ckpt: str | os.PathLike, key: str = "ckpt") -> nn.Module:
+def load_net(net_cfg: DictConfig, ckpt: str | os.PathLike, key: str = "ckpt") -> nn.Module:
     """Build ``model.net`` without pretrained weights and load checkpoint ``ckpt`` into it strictly; eval mode."""
     net = instantiate(net_cfg, pretrained=False)
     load_weights(net, ckpt, key, trunk=getattr(net, "trunk", "torchvision"))
@@ -210,8 +213,6 @@ def load_net(net_cfg: Any, ckpt: str | os.PathLike, key: str = "ckpt") -> nn.Mod
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike) -> Layout:
     """Write ``src`` (any known layout) as a clims-pl checkpoint ``{"state_dict": {"net.*": ...}}`` at ``dst``."""
-    from clims_pl.io import atomic_path
-
     layout, state = read_state(src, "src")
     with atomic_path(Path(dst)) as tmp:
         torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}, "converted_from": str(src)}, tmp)
