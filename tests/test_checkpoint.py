@@ -157,6 +157,10 @@ def test_a_payload_checkpoint_is_refused_by_every_loader_and_never_runs(
     cfg = compose_cfg("train", ["experiment=toy_cam", *toy_overrides(toy_root), f"ckpt_path={evil}"])
     with pytest.raises(CheckpointError, match=r"ckpt_path=.*evil.ckpt: refused"):
         run(cfg)  # Lightning's resume
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointError, match=r"ckpt_path=.*notes.ckpt: not a Lightning checkpoint"):
+        run(compose_cfg("train", ["experiment=toy_cam", *toy_overrides(toy_root), f"ckpt_path={text}"]))
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the payload is real: an unrestricted unpickler runs it
     assert marker.exists()

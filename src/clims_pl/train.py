@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from clims_pl.io import atomic_write_json
-from clims_pl.models.checkpoint import load_error
+from clims_pl.models.checkpoint import CheckpointError, load_error
 from clims_pl.runtime import instantiate_group, log, prepare_run
 
 
@@ -32,6 +33,8 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None
         return None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint")
+    if not zipfile.is_zipfile(ckpt_path):  # what torch.save writes; a text or truncated file fails deep in Lightning
+        raise CheckpointError(f"ckpt_path={ckpt_path}: not a Lightning checkpoint (not a torch.save archive)")
     return ckpt_path
 
 
