@@ -19,6 +19,7 @@ from torch import nn
 
 from clims_pl.models.cam_net import CAMNet
 from clims_pl.models.checkpoint import CheckpointError, convert, load_net, load_weights, main, read_file, read_state
+from clims_pl.models.clip_evaluator import ClipEvaluator
 from clims_pl.models.deeplab import DeepLabV2
 from clims_pl.models.irn import IRNet
 
@@ -147,6 +148,7 @@ def test_a_payload_checkpoint_is_refused_by_every_loader_and_never_runs(
         "clims-infer / pseudo / seg_eval ckpt": lambda: load_net(OmegaConf.create(small), evil),
         "model.net.pretrained": lambda: IRNet("resnet18", pretrained=str(evil)),
         "clims-convert": lambda: convert(evil, tmp_path / "out.ckpt"),
+        "clip.pretrained": lambda: ClipEvaluator("clims-tiny-vit", pretrained=str(evil), precision="fp32"),
     }
     for what, load in loaders.items():
         with pytest.raises(CheckpointError, match=r"evil.ckpt: refused, the file holds pickled objects"):
@@ -167,8 +169,6 @@ def test_a_payload_checkpoint_is_refused_by_every_loader_and_never_runs(
 
 
 def test_text_file_as_ckpt_or_clip_weights_is_one_line_naming_it(tmp_path: Path) -> None:
-    from clims_pl.models.clip_evaluator import ClipEvaluator
-
     text = tmp_path / "notes.txt"
     text.write_text("these are not weights\n")
     with pytest.raises(CheckpointError, match=r"^ckpt=.*notes.txt: not loadable as weights \(.*\)$"):
