@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from clims_pl.models.cam_net import CAMNet
+from clims_pl.models.checkpoint import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +63,11 @@ def test_train_bn_uses_batch_statistics_including_the_frozen_stem() -> None:
 def test_state_dict_from_lightning_style_checkpoint(tmp_path, net: CAMNet) -> None:
     path = tmp_path / "x.ckpt"
     torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "epoch": 3}, path)
-    state = CAMNet.state_dict_from_checkpoint(path)
     fresh = CAMNet("resnet18", num_classes=4, pretrained=False)
-    fresh.load_state_dict(state, strict=True)
+    load_weights(fresh, path)
     torch.testing.assert_close(fresh.classifier.weight, net.classifier.weight)
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        CAMNet.state_dict_from_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"ckpt=.*missing.ckpt: no such checkpoint file"):
+        load_weights(fresh, tmp_path / "missing.ckpt")
 
 
 def test_trunk_initialised_from_a_clims_checkpoint(tmp_path) -> None:
@@ -82,7 +82,7 @@ def test_trunk_initialised_from_a_clims_checkpoint(tmp_path) -> None:
     torch.testing.assert_close(seg.backbone.layer3[0].conv1.weight, net.backbone.layer3[0].conv1.weight)
     assert torch.all(seg.backbone.bn1.running_mean == 0.25)
     assert seg.backbone.layer4[0].conv1.dilation == (4, 4)
-    with pytest.raises(ValueError, match=r"model\.net\.pretrained=.*does not match model\.net\.backbone='resnet18'"):
+    with pytest.raises(ValueError, match=r"model\.net\.pretrained=.*cam.ckpt: does not fit model\.net .*shape"):
         CAMNet("resnet18", num_classes=4, pretrained=str(path))
 
 
@@ -91,7 +91,7 @@ def test_pretrained_offline_gives_clear_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(RuntimeError, match=r"cannot load pretrained weights.*model\.net\.pretrained="):
         CAMNet("resnet18", num_classes=2, pretrained=True, pretrained_tag="tv_in1k")
-    with pytest.raises(FileNotFoundError, match="no such weights file"):
+    with pytest.raises(FileNotFoundError, match=r"model\.net\.pretrained=.*nope.pth: no such checkpoint file"):
         CAMNet("resnet18", num_classes=2, pretrained=str(tmp_path / "nope.pth"))
 
 

@@ -187,5 +187,5 @@ def test_run_loads_checkpoint_and_writes_manifest(voc: Path, net: CAMNet, tmp_pa
     assert manifest["ckpt"] == str(ckpt) and len(manifest["config_hash"]) == 16
     keys = load_cam(out / "2007_000001.npz")["keys"]
     assert len(keys) >= 1 and keys.max() < 20
-    with pytest.raises(ValueError, match=r"weights do not fit model\.net"):
+    with pytest.raises(ValueError, match=r"ckpt=.*last.ckpt: does not fit model\.net"):
         run(compose_cfg("infer", [*overrides, f"ckpt={ckpt}", "model.net.backbone=resnet34"]))

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from clims_pl.losses import ClimsObjective
 from clims_pl.models.cam_net import CAMNet
+from clims_pl.models.checkpoint import read_state
 from clims_pl.models.clip_evaluator import ClipEvaluator
 from clims_pl.modules.clims import ClimsModule
 from clims_pl.prompts.bank import PromptBank
@@ -74,7 +75,7 @@ def _trainer(tmp_path, steps: int) -> L.Trainer:
 
 def test_few_steps_train_the_net_not_clip(tmp_path, cam_ckpt):
     module = ClimsModule(_net(), _objective(), OPTIM, init_ckpt=str(cam_ckpt))
-    init = CAMNet.state_dict_from_checkpoint(cam_ckpt)
+    init = read_state(cam_ckpt)[1]
     for key, value in module.net.state_dict().items():
         assert torch.equal(value, init[key]), key  # strict init from the baseline
     clip = module.objective.evaluator.clip
@@ -108,7 +109,7 @@ def test_few_steps_train_the_net_not_clip(tmp_path, cam_ckpt):
 
     ckpt_path = tmp_path / "clims.ckpt"
     trainer.save_checkpoint(ckpt_path)
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
     assert not [k for k in saved if k.startswith("objective.")]  # CLIP is rebuilt from config, not stored
     assert set(saved) == {f"net.{k}" for k in after}
     restored = ClimsModule.load_from_checkpoint(ckpt_path, net=_net(), objective=_objective())

@@ -15,7 +15,7 @@ from PIL import Image
 
 from clims_pl.data.voc import VOC_PALETTE, save_label_png
 from clims_pl.models.deeplab import DeepLabV2
-from clims_pl.modules.seg import balanced_cross_entropy, deeplab_scores, poly_step_factor, resize_labels
+from clims_pl.modules.seg import SegModule, balanced_cross_entropy, deeplab_scores, poly_step_factor, resize_labels
 from clims_pl.refine import seg_eval
 from clims_pl.refine.seg_eval import crf_image, evaluate_val, export_test
 from clims_pl.train import run as train_run
@@ -182,3 +182,20 @@ def test_toy_seg_trains_then_evaluates(voc_with_test, tmp_path: Path, compose_cf
     assert result["plain"]["miou"] is not None and "crf" in result
     assert Path(eval_cfg.seg_eval.metrics_path).is_file()
     assert Path(result["test_archive"]).is_file()
+
+
+def test_caffe_trunk_refuses_imagenet_normalised_data_and_hub_weights() -> None:
+    from types import SimpleNamespace
+
+    net = DeepLabV2("resnet50", num_classes=4, pretrained=False, trunk="caffe", msc_scales=())
+    assert net.input_normalization == "caffe_bgr"
+    module = SegModule(net, optim={})
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(normalization="imagenet"))
+    with pytest.raises(ValueError, match=r"data.normalization=imagenet does not fit model.net.trunk=caffe.*caffe_bgr"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(normalization="caffe_bgr"))
+    module.setup("fit")
+    with pytest.raises(ValueError, match=r"trunk=caffe has no hub weights.*deeplabv1_resnet101-imagenet.pth"):
+        DeepLabV2("resnet101", pretrained=True, trunk="caffe")
+    with pytest.raises(ValueError, match=r"trunk=caffe needs a bottleneck ResNet"):
+        DeepLabV2("resnet18", pretrained=False, trunk="caffe")

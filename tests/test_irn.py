@@ -131,3 +131,19 @@ def test_toy_irn_experiment_trains(tmp_path: Path, compose_cfg) -> None:
     assert metrics["global_step"] == 2
     assert math.isfinite(metrics["train/loss"])
     assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_edge_map_runs_unpadded_by_default_and_padding_changes_interior_values() -> None:
+    """§9: the reference snapshot runs the edge net on the image as is; padding (the 512 switch) is not neutral."""
+    torch.manual_seed(0)
+    net = IRNet("resnet18", pretrained=False).eval()
+    assert net.inference_pad is None
+    image = torch.randn(3, 41, 57)
+    pair = torch.stack([image, image.flip(-1)])
+    logits = net(pair)[:, 0]
+    expected = torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)
+    torch.testing.assert_close(net.edge_map(pair), expected)
+    net.inference_pad = 64
+    padded = net.edge_map(pair)
+    # GroupNorm statistics include the padding: values far from the padded border change too.
+    assert padded.shape == expected.shape and float((padded - expected)[:4, :4].abs().max()) > 1e-4

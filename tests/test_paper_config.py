@@ -125,7 +125,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "pseudo.exp_times": 8,
         "pseudo.bg_threshold": 0.2,
         "model.net.backbone": "resnet50",
-        "model.net.inference_pad": 512,
+        "model.net.inference_pad": None,  # §9: the reference snapshot runs the edge net unpadded
     },
     # §11.2-§11.4: DeepLab-v2 R101 MSC, ImageNet init (main_v2).
     "seg": {
@@ -150,6 +150,10 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "model.net.backbone": "resnet101",
         "model.net.atrous_rates": [6, 12, 18, 24],
         "model.net.msc_scales": [0.5, 0.75],
+        # deeplab_init=null: the torchvision trunk (test_deeplab_init_selects_the_caffe_trunk for the reference's).
+        "model.net.trunk": "torchvision",
+        "model.net.pretrained": True,
+        "data.normalization": "imagenet",
         "trainer.precision": "32-true",
     },
     # §11.5: val (SegmentationClassAug) without and with CRF 10 iterations, Gaussian 1/3, bilateral 67/3/4, Q22 kept.
@@ -160,7 +164,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "model.net.msc_scales": [0.5, 0.75],
         "seg_eval.val_split": "val",
         "seg_eval.val_gt": "aug",
-        "seg_eval.normalization": "imagenet",  # the seg stage's data.normalization
+        "model.net.trunk": "torchvision",  # deeplab_init=null; its normalisation follows the trunk
         "seg_eval.crf.enabled": True,
         "seg_eval.crf.reference_bug": True,
         "seg_eval.crf.params.iterations": 10,
@@ -224,3 +228,15 @@ def test_report_rows_point_at_reference_metrics(paper_stages: tuple[DictConfig, 
     ]
     assert all(r["ref"] in reference for r in rows if "ref" in r)
     assert all(r["stage"] in stages for r in rows)
+
+
+def test_deeplab_init_selects_the_caffe_trunk(tmp_path: Path) -> None:
+    """§11.3: given the reference's init file, seg trains and seg_eval evaluates the Caffe trunk on BGR input."""
+    init = "/weights/deeplabv1_resnet101-imagenet.pth"
+    cfg = compose_config("reproduce", tmp_path, ["experiment=paper_voc", f"data_root={VOC}", f"deeplab_init={init}"])
+    stages = {s.name: s for s in stages_from_config(cfg.pipeline)}
+    run_dir = Path(cfg.run_dir)
+    seg = compose_stage(stages["seg"], stages["seg"].folder(run_dir), tmp_path, [])
+    seg_eval = compose_stage(stages["seg_eval"], stages["seg_eval"].folder(run_dir), tmp_path, [])
+    assert (seg.model.net.trunk, seg.model.net.pretrained, seg.data.normalization) == ("caffe", init, "caffe_bgr")
+    assert seg_eval.model.net.trunk == "caffe"

@@ -60,7 +60,7 @@ def test_run_writes_checkpoint_config_and_csv_metrics(toy_root: Path, compose_cf
     assert "backbone: resnet18_toy" in (out / "config.yaml").read_text()
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/loss" in header and "lr-SGD" in header
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and any(k.startswith("net.classifier") for k in ckpt["state_dict"])
 
 
@@ -73,7 +73,7 @@ def test_killed_run_resumes_to_the_same_step(toy_root: Path, compose_cfg) -> Non
     with pytest.raises(RuntimeError, match="killed at step 5"):
         run(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert torch.load(last, weights_only=True)["global_step"] == 3
     resumed = run(
         compose_cfg("train", [*common, *every3, "paths.output_dir=${paths.root_dir}/killed", "ckpt_path=last"])
     )
@@ -88,7 +88,7 @@ def test_ddp_cpu_two_processes(toy_root: Path, compose_cfg) -> None:
         "train", [*TOY_CAM, *toy_overrides(toy_root), "trainer=ddp_cpu", "trainer.max_steps=2", "trainer.max_epochs=-1"]
     )
     run(cfg)
-    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2
 
 

@@ -36,6 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from clims_pl.io import atomic_save_npz, atomic_write_json
+from clims_pl.models.checkpoint import load_net
+from clims_pl.runtime import apply_runtime
 
 log = logging.getLogger(__name__)
 
@@ -225,27 +227,11 @@ def predict_cams(
     }
 
 
-def load_net(net_cfg: DictConfig, ckpt: str | os.PathLike) -> nn.Module:
-    """Build ``model.net`` without pretrained weights and load the checkpoint's network strictly."""
-    from clims_pl.models.cam_net import CAMNet
-
-    net = instantiate(net_cfg, pretrained=False)
-    state = CAMNet.state_dict_from_checkpoint(ckpt)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).splitlines()[1:2]).strip()[:200]
-        raise ValueError(
-            f"{ckpt}: weights do not fit model.net ({detail}); pick the model/experiment "
-            "the checkpoint was trained with (e.g. model=clims, model.net.backbone=...)"
-        ) from err
-    return net.eval()
-
-
 def run(cfg: DictConfig) -> Path:
     """``clims-infer``: CAMs of ``infer.split`` from checkpoint ``ckpt`` into ``infer.out_dir``; returns it."""
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise ValueError("ckpt is required: clims-infer ckpt=<train run>/checkpoints/last.ckpt (or a state dict)")
+    apply_runtime(cfg)
     net = load_net(cfg.model.net, cfg.ckpt)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # generates the toy world when data=toy

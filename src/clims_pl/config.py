@@ -25,6 +25,10 @@ def _register() -> None:
     # ${cwd:} = the launch directory (hydra.job.chdir is false). Not ${hydra:runtime.cwd}: a multirun's sweeper
     # resolves hydra.sweep.dir before HydraConfig exists, so that interpolation fails there ("HydraConfig was
     # not set") and `clims-reproduce -m ...` could not start without CLIMS_ROOT.
+    # ${if_set:${x},a,b} = a when x is set (not null/empty), else b: one input choosing several settings
+    # (experiment=paper_voc_seg: a deeplab_init file selects the Caffe trunk, its weights and its normalisation).
+    if not OmegaConf.has_resolver("if_set"):
+        OmegaConf.register_new_resolver("if_set", lambda value, then, otherwise: then if value else otherwise)
     if not OmegaConf.has_resolver("cwd"):
         OmegaConf.register_new_resolver("cwd", os.getcwd)
 

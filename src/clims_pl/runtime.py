@@ -11,6 +11,7 @@ import lightning as L
 import rich
 import rich.syntax
 import rich.tree
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
@@ -32,11 +33,20 @@ def prepare_run(cfg: DictConfig) -> Path:
             body = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
             tree.add(str(key)).add(rich.syntax.Syntax(body, "yaml"))
         rich.print(tree)
+    apply_runtime(cfg)
     # FixedBN keeps BatchNorm layers in eval mode on purpose (reference §2.1); Lightning's warning about it misleads.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     return out
+
+
+def apply_runtime(cfg: DictConfig) -> None:
+    """Set the numerics of ``cfg.runtime`` before a stage computes: ``tf32`` switches TF32 for CUDA matmuls and
+    cuDNN convolutions together (quirk Q11; PyTorch's own defaults differ between the two: fp32 / TF32)."""
+    tf32 = bool(OmegaConf.select(cfg, "runtime.tf32", default=False))
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

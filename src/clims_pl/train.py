@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from clims_pl.io import atomic_write_json
+from clims_pl.models.checkpoint import CheckpointError, load_error
 from clims_pl.runtime import instantiate_group, log, prepare_run
 
 
@@ -30,6 +33,8 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None
         return None
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint")
+    if not zipfile.is_zipfile(ckpt_path):  # what torch.save writes; a text or truncated file fails deep in Lightning
+        raise CheckpointError(f"ckpt_path={ckpt_path}: not a Lightning checkpoint (not a torch.save archive)")
     return ckpt_path
 
 
@@ -47,7 +52,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
     )
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out / "checkpoints")
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a resumed checkpoint never unpickles code (ours hold plain containers only).
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise load_error("ckpt_path", ckpt_path, err) from err
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     metrics["global_step"] = trainer.global_step
     if trainer.optimizers:

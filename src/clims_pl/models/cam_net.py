@@ -8,7 +8,6 @@ build the plain timm ResNet and set layer4's first-block strides to 1 ourselves.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import timm
@@ -16,6 +15,8 @@ import torch
 from timm.models import build_model_with_cfg, register_model
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
+
+from clims_pl.models.checkpoint import load_weights
 
 BNMode = Literal["fixed", "train"]
 
@@ -88,40 +89,23 @@ class CAMNet(nn.Module):
                     module.eval()
         return self
 
-    @staticmethod
-    def state_dict_from_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-        """The network's state dict from a Lightning checkpoint (keys ``net.*``) or a plain state-dict file."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path} (train one with clims-train, or fix the path)")
-        # Lightning checkpoints also hold hyper-parameters (OmegaConf objects), which weights_only refuses.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: not a state dict or Lightning checkpoint")
-        if any(k.startswith("net.") for k in state):
-            state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
-        return state
 
-
-def create_trunk(backbone: str, pretrained: bool | str, tag: str) -> nn.Module:
+def create_trunk(backbone: str, pretrained: bool | str, tag: str, trunk: str = "torchvision") -> nn.Module:
     """timm ResNet without head; pretrained weights from the hub (tag) or a local file, with a clear offline error.
 
-    A local file may also be a clims-pl checkpoint (see :func:`trunk_from_checkpoint`).
+    A local file is read by :mod:`clims_pl.models.checkpoint` (weights only): a torchvision/timm ImageNet file, a
+    reference checkpoint, or a clims-pl checkpoint whose trunk is taken — the toy pipeline starts IRN and DeepLab
+    from the trained toy baseline CAM's trunk (``model.net.pretrained=<cam run>/last.ckpt``), its stand-in for
+    ImageNet weights. ``trunk`` is the ResNet style the caller builds (``caffe`` for the reference DeepLab).
     """
     if not backbone.startswith(("resnet", "resnext", "wide_resnet")):
         raise ValueError(f"model.net.backbone={backbone!r}: CAMNet expects a timm ResNet (resnet50, resnet18, ...)")
     kwargs: dict = {"num_classes": 0, "global_pool": ""}
     if isinstance(pretrained, str | os.PathLike) and str(pretrained) not in ("", "False", "false"):
-        file = Path(pretrained)
-        if not file.is_file():
-            raise FileNotFoundError(f"model.net.pretrained={file}: no such weights file")
-        trunk = trunk_from_checkpoint(backbone, file)
-        if trunk is not None:
-            return trunk
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(file)})
-        name = backbone
-    elif pretrained is True:
+        model = timm.create_model(backbone, pretrained=False, **kwargs)
+        load_weights(model, pretrained, "model.net.pretrained", prefix="backbone.", trunk=trunk)
+        return model
+    if pretrained is True:
         kwargs["pretrained"] = True
         name = f"{backbone}.{tag}" if tag else backbone
     else:
@@ -137,29 +121,6 @@ def create_trunk(backbone: str, pretrained: bool | str, tag: str) -> nn.Module:
             "internet (python -c \"import timm; timm.create_model('" + name + "', pretrained=True)\" fills the HF "
             "cache; copy HF_HOME here) or pass model.net.pretrained=/path/to/weights.pth"
         ) from err
-
-
-def trunk_from_checkpoint(backbone: str, path: Path) -> nn.Module | None:
-    """A timm trunk loaded (strictly) from the trunk inside a clims-pl checkpoint; None for other files.
-
-    Why: the toy world has no ImageNet, so its IRN and DeepLab start from the trained toy baseline CAM's trunk,
-    the way the VOC pipeline starts them from ImageNet weights (``model.net.pretrained=<cam run>/last.ckpt``).
-    Plain timm/torchvision weight files (no ``backbone.*`` keys) return None and go through timm's own loader.
-    """
-    state = CAMNet.state_dict_from_checkpoint(path)  # Lightning (net.*) or plain state dict
-    prefix = "backbone."
-    if not any(str(k).startswith(prefix) for k in state):
-        return None
-    trunk = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="")
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    try:
-        trunk.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ValueError(
-            f"model.net.pretrained={path}: its trunk does not match model.net.backbone={backbone!r} "
-            f"({str(err).splitlines()[0]}); use the backbone of the model that wrote it"
-        ) from err
-    return trunk
 
 
 @register_model

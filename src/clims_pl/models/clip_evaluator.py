@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
+from clims_pl.models.checkpoint import load_error
+
 #: Tiny registered architectures for tests and the toy world (``clims-tiny-vit``); registered on construction.
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -98,7 +100,12 @@ class ClipEvaluator(nn.Module):
         self.dtype = _DTYPES[self.precision]
         self.model_name = model
         weights = _resolve_pretrained(model, pretrained, cache_dir)
-        self.clip = open_clip.create_model(model, pretrained=weights, precision=self.precision)
+        try:  # open_clip reads the file with torch.load(weights_only=True)
+            self.clip = open_clip.create_model(model, pretrained=weights, precision=self.precision)
+        except Exception as err:  # a text, truncated or payload file fails in many ways: name the file
+            if weights is None:
+                raise
+            raise load_error("clip.pretrained", weights, err) from err
         self.tokenizer = open_clip.get_tokenizer(model)
         self.input_size = int(input_size or clip_input_size(self.clip))
         self.fused = fused

@@ -3,21 +3,30 @@
 Backbone: the timm ResNet trunk of :class:`~clims_pl.models.cam_net.CAMNet`, made output-stride 8 by removing
 the strides of layer3/layer4 and dilating *every* 3×3 conv of those layers by 2 and 4 (the reference dilates all
 blocks of a layer, timm's ``output_stride=8`` leaves the first block undilated), with the stem max-pool in
-``ceil_mode`` so a 321 crop gives 41/21/31 logit maps at scales 1/0.5/0.75 like the reference. Differences
-from the Caffe/MSRA ResNet-101 of the reference: torchvision-style bottlenecks (stride on the 3×3, not the 1×1)
-and torchvision ImageNet weights (``resnet101.tv_in1k``) instead of the converted Caffe model.
+``ceil_mode`` so a 321 crop gives 41/21/31 logit maps at scales 1/0.5/0.75 like the reference.
+
+Two trunk styles (``trunk``): ``caffe`` is the reference's Caffe/MSRA ResNet-101 — the stride of layer2 sits on
+the first block's 1×1 ``reduce`` conv, the weights come from ``deeplabv1_resnet101-imagenet.pth`` and the input is
+BGR minus the Caffe mean without std (``data.normalization=caffe_bgr``); ``torchvision`` keeps timm's bottleneck
+(stride on the 3×3) with torchvision ImageNet weights (``resnet101.tv_in1k``) on ImageNet-normalised RGB.
+The module names are timm's in both cases (:mod:`clims_pl.models.checkpoint` maps the reference's names).
 All BN layers are frozen: eval mode and γ/β not trained.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clims_pl.models.cam_net import create_trunk
+
+Trunk = Literal["torchvision", "caffe"]
+#: The ``data.normalization`` each trunk's weights expect.
+TRUNK_NORMALIZATION = {"torchvision": "imagenet", "caffe": "caffe_bgr"}
 
 
 class ASPP(nn.Module):
@@ -36,6 +45,17 @@ class ASPP(nn.Module):
         return sum(conv(x) for conv in self.convs)
 
 
+def _stride_on_reduce(trunk: nn.Module) -> None:
+    """Move each layer's downsampling stride from the first block's 3×3 conv to its 1×1 ``reduce`` (Caffe ResNet)."""
+    for layer in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4):
+        block = layer[0]
+        if not hasattr(block, "conv3"):
+            raise ValueError(
+                "model.net.trunk=caffe needs a bottleneck ResNet (resnet101, resnet50 ...), not BasicBlocks"
+            )
+        block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
 def _dilate(layer: nn.Module, dilation: int) -> None:
     """Stride 1 everywhere in ``layer`` and dilation = padding = ``dilation`` on each of its 3×3 convs."""
     for module in layer.modules():
@@ -52,7 +72,9 @@ class DeepLabV2(nn.Module):
     Args:
         backbone: timm ResNet (``resnet101`` reference, ``resnet18`` for toys).
         num_classes: foreground classes; the head predicts ``num_classes + 1`` (background first).
-        pretrained / pretrained_tag: as :class:`CAMNet` (``tv_in1k`` = torchvision ImageNet weights).
+        pretrained / pretrained_tag: as :class:`CAMNet` (``tv_in1k`` = torchvision ImageNet weights); with
+            ``trunk=caffe`` a file (``deeplabv1_resnet101-imagenet.pth``, its trunk; the ASPP keeps its init).
+        trunk: ``caffe`` (reference ResNet, stride on the 1×1) or ``torchvision`` (stride on the 3×3).
         atrous_rates: ASPP dilations (6, 12, 18, 24).
         msc_scales: extra input scales of the multi-scale wrapper (0.5, 0.75).
     """
@@ -65,18 +87,34 @@ class DeepLabV2(nn.Module):
         pretrained_tag: str = "tv_in1k",
         atrous_rates: Sequence[int] = (6, 12, 18, 24),
         msc_scales: Sequence[float] = (0.5, 0.75),
+        trunk: Trunk = "torchvision",
     ) -> None:
         super().__init__()
-        self.backbone = create_trunk(backbone, pretrained, pretrained_tag)
+        if trunk not in TRUNK_NORMALIZATION:
+            raise ValueError(f"model.net.trunk must be one of {sorted(TRUNK_NORMALIZATION)}, got {trunk!r}")
+        if trunk == "caffe" and pretrained is True:
+            raise ValueError(
+                "model.net.trunk=caffe has no hub weights: pass model.net.pretrained=<deeplabv1_resnet101-imagenet.pth> "
+                "(the reference's init) or false"
+            )
+        self.trunk = trunk
+        self.backbone = create_trunk(backbone, pretrained, pretrained_tag, trunk)
         self.backbone.maxpool.ceil_mode = True
         _dilate(self.backbone.layer3, 2)
         _dilate(self.backbone.layer4, 4)
+        if trunk == "caffe":
+            _stride_on_reduce(self.backbone)
         for module in self.backbone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.requires_grad_(False)
         self.aspp = ASPP(self.backbone.num_features, num_classes + 1, atrous_rates)
         self.msc_scales = tuple(msc_scales)
         self.train()
+
+    @property
+    def input_normalization(self) -> str:
+        """The ``data.normalization`` this trunk's weights expect (``caffe_bgr`` for the Caffe trunk)."""
+        return TRUNK_NORMALIZATION[self.trunk]
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """Single-scale logits at output stride 8."""

@@ -31,9 +31,10 @@ class IRNet(nn.Module):
         backbone: timm ResNet name (``resnet50`` reference, ``resnet18_toy`` for the toy world).
         pretrained / pretrained_tag: as :class:`CAMNet` (reference init = ``tv_in1k``, IRN does **not** start from
             the CAM or CLIMS weights; the toy pipeline passes its CAM checkpoint here, for lack of ImageNet).
-        inference_pad: :meth:`edge_map` pads images with zeros (the mean colour after normalisation) on the
-            right/bottom to this size before the forward, as the reference ``EdgeDisplacement(crop_size=512)``;
-            ``None`` runs on the unpadded image.
+        inference_pad: ``None`` (reference): :meth:`edge_map` runs on each image at its own size, as the CLIMS
+            snapshot, whose ``EdgeDisplacement.forward`` padding line is commented out. An int zero-pads (the mean
+            colour after normalisation) on the right/bottom to that size first, as the final IRN code
+            (``crop_size=512``); GroupNorm then sees the padding, so every edge value changes, not only the border.
     """
 
     def __init__(
@@ -41,7 +42,7 @@ class IRNet(nn.Module):
         backbone: str = "resnet50",
         pretrained: bool | str = True,
         pretrained_tag: str = "tv_in1k",
-        inference_pad: int | None = 512,
+        inference_pad: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = create_trunk(backbone, pretrained, pretrained_tag)

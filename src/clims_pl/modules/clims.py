@@ -16,6 +16,7 @@ import torch
 
 from clims_pl.losses import TERMS, ClimsObjective
 from clims_pl.models.cam_net import CAMNet
+from clims_pl.models.checkpoint import load_weights
 from clims_pl.optim import cam_net_optimizer
 
 _CLIP_PREFIX = "objective.evaluator."
@@ -29,7 +30,7 @@ class ClimsModule(L.LightningModule):
         objective: the weighted losses with their frozen CLIP evaluator.
         optim: ``lr`` (backbone), ``classifier_lr_mult``, ``weight_decay``, ``poly_power``,
             ``reference_momentum_bug``, ``momentum`` — see :func:`clims_pl.optim.poly_sgd`.
-        init_ckpt: baseline CAM checkpoint (Lightning ckpt with ``net.*`` keys or plain state dict), loaded strictly.
+        init_ckpt: baseline CAM checkpoint (clims-pl, or the reference's ``res50_cam.pth``), loaded strictly.
         allow_random_init: accept ``init_ckpt=None`` and train from ``net``'s own init (tests only).
     """
 
@@ -89,7 +90,8 @@ class ClimsModule(L.LightningModule):
 
 
 def _load_init(net: CAMNet, init_ckpt: str | os.PathLike | None, allow_random_init: bool) -> None:
-    """Strictly load the baseline CAM weights into ``net`` (reference §4.1 loads res50_cam.pth strictly)."""
+    """Strictly load the baseline CAM weights into ``net`` (reference §4.1 loads res50_cam.pth strictly): a clims-pl
+    checkpoint or the reference's own ``res50_cam.pth`` (any layout :mod:`clims_pl.models.checkpoint` knows)."""
     if init_ckpt is None:
         if allow_random_init:
             return
@@ -97,11 +99,4 @@ def _load_init(net: CAMNet, init_ckpt: str | os.PathLike | None, allow_random_in
             "model.init_ckpt is required: CLIMS starts from a baseline CAM checkpoint (train one with "
             "`clims-train experiment=toy_cam` / `paper_voc_cam`, then pass model.init_ckpt=<run>/checkpoints/last.ckpt)"
         )
-    state = CAMNet.state_dict_from_checkpoint(init_ckpt)
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise ValueError(
-            f"model.init_ckpt={init_ckpt}: does not fit model.net (same backbone and classes as the CAM run?): {detail}"
-        ) from err
+    load_weights(net, init_ckpt, "model.init_ckpt")

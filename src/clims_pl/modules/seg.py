@@ -105,6 +105,15 @@ class SegModule(L.LightningModule):
         num_outputs = net.aspp.convs[0].out_channels
         self.val_confusion = MulticlassConfusionMatrix(num_outputs, ignore_index=ignore_index)
 
+    def setup(self, stage: str) -> None:
+        """Refuse data normalised for the other trunk (Caffe weights on ImageNet-normalised RGB, or the reverse)."""
+        normalization = getattr(getattr(self.trainer, "datamodule", None), "normalization", None)
+        if normalization not in (None, self.net.input_normalization):
+            raise ValueError(
+                f"data.normalization={normalization} does not fit model.net.trunk={self.net.trunk}, whose weights "
+                f"expect data.normalization={self.net.input_normalization}"
+            )
+
     def forward(self, image: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
         return self.net(image)
 

@@ -20,15 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clims_pl.cams import load_cam, load_net
+from clims_pl.cams import load_cam
 from clims_pl.data.segmentation import to_tensor
 from clims_pl.data.transforms import imagenet_normalize
 from clims_pl.data.voc import load_image, read_split, save_label_png
 from clims_pl.evaluate import display_names, evaluate_label_dir
 from clims_pl.io import atomic_write_json
+from clims_pl.models.checkpoint import load_net
 from clims_pl.models.irn import IRNet
 from clims_pl.refine.ir_labels import pending_pngs
 from clims_pl.refine.random_walk import propagate_to_edge, walk_to_label
+from clims_pl.runtime import apply_runtime
 
 log = logging.getLogger("clims_pl")
 
@@ -92,6 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.get("ckpt"):
         raise ValueError("ckpt is required: the IRN checkpoint, e.g. ckpt=<irn run>/checkpoints/last.ckpt")
+    apply_runtime(cfg)
     stage = cfg.pseudo
     root, out_dir = str(cfg.data.root), Path(stage.out_dir)
     ids = read_split(root, stage.split)

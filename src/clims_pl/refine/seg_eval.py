@@ -27,15 +27,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from clims_pl.cams import load_net
 from clims_pl.data.segmentation import CAFFE_MEAN_BGR, SegEvalDataset
 from clims_pl.data.voc import load_image, load_mask, read_split, save_label_png
 from clims_pl.io import atomic_path, atomic_write_json
 from clims_pl.metrics import pair_confusion
+from clims_pl.models.checkpoint import load_net
 from clims_pl.modules.seg import deeplab_scores
 from clims_pl.refine.crf import crf_inference_prob
 from clims_pl.refine.ir_labels import pending_pngs
 from clims_pl.refine.pseudo import resolve_device
+from clims_pl.runtime import apply_runtime
 
 log = logging.getLogger("clims_pl")
 
@@ -181,12 +182,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.get("ckpt"):
         raise ValueError("ckpt is required: the DeepLab checkpoint, e.g. ckpt=<seg run>/checkpoints/last.ckpt")
+    apply_runtime(cfg)
     stage = cfg.seg_eval
     root, device = str(cfg.data.root), resolve_device(stage.device)
     net = load_net(cfg.model.net, cfg.ckpt).to(device)
     crf = OmegaConf.to_container(stage.crf.params, resolve=True) if stage.crf.enabled else None
     options = {
-        "normalization": stage.normalization,
+        "normalization": net.input_normalization,  # what the trunk's weights expect (model.net.trunk)
         "crf": crf,
         "reference_bug": bool(stage.crf.reference_bug),
         "device": device,
