@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import warnings
 from pathlib import Path
@@ -12,7 +13,9 @@ import rich
 import rich.syntax
 import rich.tree
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from clims_pl.io import atomic_write_text
@@ -51,3 +54,39 @@ def log_metrics(loggers: list[Logger], metrics: dict[str, float], step: int | No
     for logger in loggers:
         logger.log_metrics(metrics, step=step)
         logger.save()
+
+
+class _ResumingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued instead of deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._continue = self._fs.isfile(self.metrics_file_path)
+
+    def save(self) -> None:
+        """Before the first rows of a resumed run: drop the old rows from the step it resumed at on (logged after
+        its checkpoint, now logged again), keep the earlier ones."""
+        if self._continue and self.metrics:
+            self._continue = False
+            first = min(row["step"] for row in self.metrics)
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                reader = csv.DictReader(file)
+                keys, rows = list(reader.fieldnames or []), [r for r in reader if float(r["step"]) < first]
+            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+            self.metrics_keys = keys
+        super().save()
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger whose ``metrics.csv`` survives a resume: rows logged before the checkpoint are kept, rows after it
+    are replaced by the resumed run's. A fresh start deletes the file first (``clims_pl.train.run``)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(log_dir=self.log_dir)
+        return self._experiment
