@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from conftest import toy_overrides
 from hydra.utils import instantiate
 
+from clims_pl.runtime import remove_unused_run_dir
 from clims_pl.train import run
 
 TOY_CAM = ["experiment=toy_cam", "trainer.enable_progress_bar=false", "logger=csv", "trainer.log_every_n_steps=1"]
@@ -205,3 +206,15 @@ def test_cli_runs_with_progress_bar_and_bad_root_is_one_clear_line(toy_root: Pat
     )
     assert bad.returncode != 0
     assert "clims-data download voc" in bad.stderr
+    assert not (tmp_path / "b").exists()  # a failed launch leaves no (timestamped) run folder behind
+
+
+def test_only_an_unused_run_folder_is_removed_after_a_failure(tmp_path: Path) -> None:
+    for name in ("empty", "resumed"):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text("a: 1")
+        (tmp_path / name / "train.log").write_text("error")
+        (tmp_path / name / "config.yaml").write_text("a: 1")
+    (tmp_path / "resumed" / "checkpoints").mkdir()
+    assert remove_unused_run_dir(tmp_path / "empty") and not (tmp_path / "empty").exists()
+    assert not remove_unused_run_dir(tmp_path / "resumed") and (tmp_path / "resumed" / "config.yaml").exists()

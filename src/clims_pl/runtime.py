@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,19 @@ def prepare_run(cfg: DictConfig) -> Path:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     return out
+
+
+#: What every launch writes before doing any work: Hydra's ``.hydra/`` and job log, and ``config.yaml``.
+BOOKKEEPING = (".hydra", "config.yaml")
+
+
+def remove_unused_run_dir(folder: Path) -> bool:
+    """Delete the run folder of a failed launch if it holds nothing but BOOKKEEPING and logs, so failed attempts
+    leave no empty timestamped folders behind; a folder with any result (or a resumed old run) is kept."""
+    if not folder.is_dir() or any(p.name not in BOOKKEEPING and p.suffix != ".log" for p in folder.iterdir()):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
