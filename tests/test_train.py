@@ -218,3 +218,23 @@ def test_only_an_unused_run_folder_is_removed_after_a_failure(tmp_path: Path) ->
     (tmp_path / "resumed" / "checkpoints").mkdir()
     assert remove_unused_run_dir(tmp_path / "empty") and not (tmp_path / "empty").exists()
     assert not remove_unused_run_dir(tmp_path / "resumed") and (tmp_path / "resumed" / "config.yaml").exists()
+
+
+def test_training_is_bit_identical_for_the_same_seed(toy_root: Path, compose_cfg) -> None:
+    """Issue 14 item 8: the README's numbers are reproducible only if a run is a function of its config."""
+    common = [*TOY_CAM, *toy_overrides(toy_root), "trainer.max_steps=3", "trainer.max_epochs=-1"]
+    outs = []
+    for name in ("one", "two"):
+        cfg = compose_cfg("train", [*common, f"paths.output_dir=${{paths.root_dir}}/{name}"])
+        run(cfg)
+        outs.append(Path(cfg.paths.output_dir))
+    losses = [_csv_steps(out / "csv" / "metrics.csv") for out in outs]
+    assert sorted(losses[0]) == [0, 1, 2] and losses[0] == losses[1]
+    states = [torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for out in outs]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    # ... and the seed matters: another one gives other weights.
+    cfg = compose_cfg("train", [*common, "seed=1", "paths.output_dir=${paths.root_dir}/three"])
+    run(cfg)
+    other = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert not all(torch.equal(states[0][k], other[k]) for k in states[0])
