@@ -93,7 +93,8 @@ def test_upstream_change_and_from_recompute_everything_downstream(tmp_path: Path
     changed = _cams(run_dir)
     assert changed.keys() == cams.keys() and all(changed[k] != cams[k] for k in cams)
     assert second["eval_cam"]["inputs"] == {"cams_cam": second["cams_cam"]["outputs_fingerprint"]}
-    assert second["eval_cam"]["metrics"] != first["eval_cam"]["metrics"]
+    # The evaluation names what it evaluated: the CAM folder's record (which checkpoint), not just its path.
+    assert second["eval_cam"]["metrics"]["source_id"] != first["eval_cam"]["metrics"]["source_id"]
 
     # --from cam used to "resume" the finished last.ckpt and train nothing (1.7 s). Now it starts from step 0
     # in an emptied folder: the csv log holds the new run's 4 steps only, the stray file is gone.
