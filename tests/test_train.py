@@ -114,6 +114,7 @@ def _csv_steps(path: Path) -> dict[int, str]:
     return {int(r["step"]): r["train/loss"] for r in rows if r["train/loss"]}
 
 
+@pytest.mark.slow
 def test_kill9_resumes_from_the_periodic_checkpoint_with_default_callbacks(toy_root: Path, tmp_path: Path) -> None:
     """toy_cam saves last.ckpt every 20 steps by default: killed with SIGKILL at step 22, the same command resumes
     from step 20 and ends at step 30, with csv/metrics.csv holding every step once (old rows kept)."""
