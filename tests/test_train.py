@@ -239,3 +239,24 @@ def test_training_is_bit_identical_for_the_same_seed(toy_root: Path, compose_cfg
     run(cfg)
     other = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert not all(torch.equal(states[0][k], other[k]) for k in states[0])
+
+
+def test_ckpt_path_last_resumes_only_a_checkpoint_of_the_same_provenance(
+    toy_root: Path, compose_cfg, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14: a rerun with ckpt_path=last "resumed" whatever last.ckpt the folder held, even one trained with
+    another config, and trained nothing."""
+    common = [*TOY_CAM, *toy_overrides(toy_root), "trainer.max_steps=4", "trainer.max_epochs=-1", "ckpt_path=last"]
+    run(compose_cfg("train", common))
+    out = Path(compose_cfg("train", common).paths.output_dir)
+    first = _csv_steps(out / "csv" / "metrics.csv")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="clims_pl"):
+        run(compose_cfg("train", [*common, "callbacks.model_checkpoint.every_n_train_steps=2"]))  # same provenance
+    assert "resuming from" in caplog.text and _csv_steps(out / "csv" / "metrics.csv") == first
+    caplog.clear()
+    with caplog.at_level("INFO", logger="clims_pl"):
+        run(compose_cfg("train", [*common, "model.optim.lr=0.05"]))  # another run: starts at step 0
+    assert "resuming from" not in caplog.text and "clearing 2 earlier checkpoints and logs" in caplog.text
+    other = _csv_steps(out / "csv" / "metrics.csv")
+    assert sorted(other) == [0, 1, 2, 3] and other[0] == first[0] and other[3] != first[3]

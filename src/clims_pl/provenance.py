@@ -94,8 +94,9 @@ def claim(
     """Make ``folder`` hold only outputs of ``record``; return True when earlier outputs were kept (a resume).
 
     ``owned``: glob patterns (relative to ``folder``) of the outputs the record covers; only those are ever
-    deleted. ``name``: where the record is kept (relative to ``folder``). Earlier outputs are kept when the folder's record equals ``record`` and ``fresh`` is false; otherwise
-    they are deleted if ``overwrite`` (or ``fresh``), else a ProvenanceError names the folder and the fix.
+    deleted. ``name``: where the record is kept (relative to ``folder``). Earlier outputs are kept when the
+    folder's record equals ``record`` and ``fresh`` is false; otherwise they are deleted if ``overwrite`` (or
+    ``fresh``: a forced rerun), else a ProvenanceError names the folder and the fix.
     """
     folder = Path(folder)
     record = json.loads(json.dumps(dict(record), sort_keys=True, default=str))

@@ -83,10 +83,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     resumable = False
     if requested in (None, "", "null", "last"):
         owned = ["checkpoints/*.ckpt", *csv_files(loggers, out)]
+        record = training_record(cfg)
+        fresh = requested != "last"
         resumable = claim(
-            out, training_record(cfg), what="checkpoints and logs", owned=owned, overwrite=True,
-            fresh=requested != "last", name=CKPT_RECORD,
-        )  # fmt: skip
+            out, record, what="checkpoints and logs", owned=owned, overwrite=True, fresh=fresh, name=CKPT_RECORD
+        )
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers)
     ckpt_path = resolve_ckpt_path(requested, out / "checkpoints", resumable)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
