@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from clims_pl.cams import CamFileError, load_cam, multiscale_cam, predict_cams, 
 from clims_pl.data.datamodule import MultiScaleDataset
 from clims_pl.data.voc import VOC_CLASSES, image_labels
 from clims_pl.models.cam_net import CAMNet
+from clims_pl.provenance import ProvenanceError
 
 SCALES = (1.0, 0.5, 1.5, 2.0)
 CPU = {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
@@ -115,6 +119,13 @@ def _dataset(voc: Path, log: Path, scales=(1.0, 0.5)) -> LoggedDataset:
     return LoggedDataset(log, voc, ids, image_labels(voc, ids, VOC_CLASSES, None), scales)
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def test_resume_skips_finished_and_recomputes_corrupt(voc: Path, net: CAMNet, tmp_path: Path) -> None:
     out = tmp_path / "cams"
     counting = CountingNet(net)
@@ -126,7 +137,11 @@ def test_resume_skips_finished_and_recomputes_corrupt(voc: Path, net: CAMNet, tm
     truncated, wrong = out / f"{ids[1]}.npz", out / f"{ids[3]}.npz"
     truncated.write_bytes(truncated.read_bytes()[:-50])
     np.savez(wrong, keys=np.zeros(2, np.int64), cam=np.zeros((1, 2, 2)), high_res=np.zeros((1, 5, 5)))
-    (out / f".{ids[0]}.npz.x1y2.tmp").write_bytes(b"partial")
+    host, dead_pid = socket.gethostname(), _dead_pid()
+    killed = out / f".{ids[0]}.npz.clims-{host}-{dead_pid}.0a1b2c3d.tmp"  # a killed writer's temp
+    live = out / f".{ids[2]}.npz.clims-{host}-{os.getpid()}.0a1b2c3d.tmp"  # a concurrent writer's (alive)
+    for tmp in (killed, live, out / ".notes.tmp"):
+        tmp.write_bytes(b"partial")
     with pytest.raises(CamFileError, match="unreadable"):
         load_cam(truncated)
 
@@ -137,7 +152,7 @@ def test_resume_skips_finished_and_recomputes_corrupt(voc: Path, net: CAMNet, tm
         assert (out / f"{ids[i]}.npz").stat().st_mtime_ns == mtimes[f"{ids[i]}.npz"]
     assert load_cam(truncated)["high_res"].shape[1:] == SHAPES[ids[1]]
     assert load_cam(wrong)["keys"].shape == (len(load_cam(wrong)["cam"]),)
-    assert not list(out.glob(".*.tmp"))
+    assert sorted(p.name for p in out.glob(".*.tmp")) == sorted([live.name, ".notes.tmp"])
 
 
 def test_written_file_equals_multiscale_cam(voc: Path, net: CAMNet, tmp_path: Path) -> None:
@@ -189,3 +204,41 @@ def test_run_loads_checkpoint_and_writes_manifest(voc: Path, net: CAMNet, tmp_pa
     assert len(keys) >= 1 and keys.max() < 20
     with pytest.raises(ValueError, match=r"ckpt=.*last.ckpt: does not fit model\.net"):
         run(compose_cfg("infer", [*overrides, f"ckpt={ckpt}", "model.net.backbone=resnet34"]))
+
+
+def test_infer_into_a_run_of_another_checkpoint_refuses_or_recomputes_all(
+    voc: Path, net: CAMNet, tmp_path: Path, compose_cfg
+) -> None:
+    """Issue: clims-infer into a run dir whose CAMs came from another ckpt skipped every image and then wrote a
+    manifest naming the new ckpt. Now: refused (one line naming the folder and overwrite=true), or all recomputed."""
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    first, second = tmp_path / "first.ckpt", tmp_path / "second.ckpt"
+    torch.save({"state_dict": state}, first)
+    torch.save({"state_dict": {k: v + 0.5 if "classifier" in k else v for k, v in state.items()}}, second)
+    overrides = [
+        f"data.root={voc}",
+        "data.infer_split=train",
+        "data.num_workers=0",
+        "data.scales=[1.0]",
+        "model.net.backbone=resnet18",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+    ]
+    out = run(compose_cfg("infer", [*overrides, f"ckpt={first}"]))
+    assert (tmp_path / "run" / "config.yaml").is_file()  # like every other command
+    before = {p.name: p.read_bytes() for p in out.glob("*.npz")}
+    assert len(before) == 5
+    # Same checkpoint (a copy: same content) resumes: nothing recomputed.
+    copy = tmp_path / "copy.ckpt"
+    copy.write_bytes(first.read_bytes())
+    run(compose_cfg("infer", [*overrides, f"ckpt={copy}"]))
+    assert json.loads((out / "manifest.json").read_text())["computed"] == 0
+    with pytest.raises(ProvenanceError, match=rf"{out} holds CAMs made from other ckpt.*overwrite=true") as err:
+        run(compose_cfg("infer", [*overrides, f"ckpt={second}"]))
+    assert "\n" not in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.glob("*.npz")} == before  # untouched
+    run(compose_cfg("infer", [*overrides, f"ckpt={second}", "overwrite=true"]))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["computed"], manifest["ckpt"]) == (5, str(second))
+    after = {p.name: p.read_bytes() for p in out.glob("*.npz")}
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)

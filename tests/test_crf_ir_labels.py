@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cam_fixtures import write_cam_files, write_voc_root
+from omegaconf import open_dict
 from PIL import Image
 
 from clims_pl.data.voc import VOC_PALETTE
+from clims_pl.provenance import ProvenanceError
 from clims_pl.refine import ir_labels
 from clims_pl.refine.crf import crf_inference_label, crf_inference_prob
 from clims_pl.refine.ir_labels import combine_ir_label, ir_label
@@ -96,7 +101,16 @@ def test_stage_parallel_resumable(tmp_path: Path, compose_cfg) -> None:
         assert set(np.unique(label).tolist()) <= allowed
     assert not list(out.glob(".*.tmp"))
     (out / "b.png").unlink()
-    (out / ".b.png.killed.tmp").write_bytes(b"half")  # left by a killed run
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    (out / f".b.png.clims-{socket.gethostname()}-{killed.pid}.0a1b2c3d.tmp").write_bytes(b"half")  # a killed run's
     again = ir_labels.run(cfg)
     assert again["written"] == 1 and again["skipped"] == 2
     assert not list(out.glob(".*.tmp"))
+    # CAMs recomputed (say, from another checkpoint): labels of the old ones are refused, never mixed with new.
+    write_cam_files(tmp_path / "cams", masks, seed=1)
+    with pytest.raises(ProvenanceError, match=r"ir_labels holds IR labels made from other cams; pass overwrite=true"):
+        ir_labels.run(cfg)
+    with open_dict(cfg):
+        cfg.overwrite = True
+    assert ir_labels.run(cfg)["written"] == 3

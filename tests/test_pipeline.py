@@ -82,13 +82,29 @@ def test_changed_config_wipes_and_reruns(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "b" / "out.txt").read_text().startswith("7|")
 
 
+def test_changed_inputs_or_from_empty_the_stage_folder(tmp_path: Path) -> None:
+    """Only a stage's own config change used to clear its folder: one rerun for new inputs (or forced) kept files
+    of the old inputs, which per-image stages then skipped and training stages "resumed"."""
+    run_pipeline(_stages(), tmp_path / "run", tmp_path)
+    stray = tmp_path / "run" / "c" / "stray.bin"
+    stray.write_text("derived from b's old output")
+    run_pipeline(_stages(seed_b=7), tmp_path / "run", tmp_path)  # c's config is the same, its input is not
+    assert CALLS == {"a": 1, "b": 2, "c": 2} and not stray.exists()
+    stray.write_text("again")
+    run_pipeline(_stages(seed_b=7), tmp_path / "run", tmp_path, from_stage="c")
+    assert CALLS["c"] == 3 and not stray.exists()
+
+
 def test_killed_stage_runs_again_and_later_stages_follow(tmp_path: Path) -> None:
     FAIL_ONCE.add("b")
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(_stages(), tmp_path / "run", tmp_path)
     assert not (tmp_path / "run" / "b" / "manifest.json").exists()
+    done = tmp_path / "run" / "b" / "done_before_the_kill.bin"
+    done.write_text("work of the same config and inputs")
     run_pipeline(_stages(), tmp_path / "run", tmp_path)
     assert CALLS == {"a": 1, "b": 2, "c": 1}
+    assert done.is_file()  # resumed in its folder, not emptied
 
 
 def test_from_and_only(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from cam_fixtures import write_cam_files, write_voc_root
 from PIL import Image
 
 from clims_pl.models.irn import IRNet
+from clims_pl.provenance import ProvenanceError
 from clims_pl.refine import pseudo
 from clims_pl.refine.random_walk import (
     boundary_pairs,
@@ -134,3 +135,7 @@ def test_pseudo_stage_writes_and_evaluates(tmp_path: Path, compose_cfg) -> None:
     assert Path(cfg.pseudo.metrics_path).is_file()
     again = pseudo.run(cfg)  # resumable: nothing left to write
     assert again["written"] == 0 and again["skipped"] == 2 and again["miou"] == result["miou"]
+    # IRN retrained into the same file: its labels are not the old ones, so the folder is refused.
+    torch.save({"state_dict": {f"net.{k}": v + 0.01 for k, v in net.state_dict().items()}}, ckpt)
+    with pytest.raises(ProvenanceError, match=r"pseudo holds pseudo labels made from other ckpt"):
+        pseudo.run(cfg)

@@ -35,9 +35,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from clims_pl.io import atomic_save_npz, atomic_write_json
+from clims_pl.io import atomic_save_npz, atomic_write_json, remove_stale_temps
 from clims_pl.models.checkpoint import load_net
-from clims_pl.runtime import apply_runtime
+from clims_pl.provenance import claim, identity
+from clims_pl.runtime import prepare_run
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,9 @@ def load_cam(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def pending_ids(ids: Sequence[str], out_dir: str | os.PathLike) -> list[str]:
-    """Ids of ``ids`` without a valid ``<out_dir>/<id>.npz``; corrupt files and stale ``.tmp`` files are removed."""
+    """Ids of ``ids`` without a valid ``<out_dir>/<id>.npz``; corrupt files and a killed writer's temps are removed."""
     out_dir = Path(out_dir)
-    for stale in out_dir.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(out_dir)
     todo = []
     for image_id in ids:
         path = out_dir / f"{image_id}.npz"
@@ -228,26 +228,32 @@ def predict_cams(
 
 
 def run(cfg: DictConfig) -> Path:
-    """``clims-infer``: CAMs of ``infer.split`` from checkpoint ``ckpt`` into ``infer.out_dir``; returns it."""
+    """``clims-infer``: CAMs of ``infer.split`` from checkpoint ``ckpt`` into ``infer.out_dir``; returns it.
+
+    The folder is claimed for this checkpoint (its content hash), split, scales and network: a rerun of the same
+    resumes, CAMs of another checkpoint there are refused unless ``overwrite=true`` (which recomputes them all).
+    """
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise ValueError("ckpt is required: clims-infer ckpt=<train run>/checkpoints/last.ckpt (or a state dict)")
-    apply_runtime(cfg)
+    prepare_run(cfg)
+    out_dir = Path(cfg.infer.out_dir)
+    inputs = {
+        "ckpt": str(Path(cfg.ckpt).resolve()),
+        "split": cfg.infer.split,
+        "scales": list(cfg.data.scales),
+        "net": OmegaConf.to_container(cfg.model.net, resolve=True),
+    }
+    record = {**inputs, "ckpt": identity(cfg.ckpt)}
     net = load_net(cfg.model.net, cfg.ckpt)
+    claim(out_dir, record, what="CAMs", owned=("*.npz", "manifest.json"), overwrite=bool(cfg.get("overwrite")))
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()  # generates the toy world when data=toy
     dataset = datamodule.predict_dataset(cfg.infer.split)
-    out_dir = Path(cfg.infer.out_dir)
     stats = predict_cams(
         net, dataset, out_dir, cfg.trainer, batch_size=cfg.infer.batch_size, num_workers=cfg.infer.num_workers
     )
     if rank_zero_only.rank == 0:  # a re-launched DDP job runs this on every rank
-        inputs = {
-            "ckpt": str(Path(cfg.ckpt).resolve()),
-            "split": cfg.infer.split,
-            "scales": list(cfg.data.scales),
-            "net": OmegaConf.to_container(cfg.model.net, resolve=True),
-        }
-        config_hash = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+        config_hash = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
         manifest = {"stage": "cams", "finished": True, "config_hash": config_hash, **inputs, **stats}
         atomic_write_json(out_dir / "manifest.json", manifest)
     log.info("CAMs: %s", json.dumps(stats))

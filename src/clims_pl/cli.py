@@ -9,12 +9,15 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from clims_pl.config import CONF_DIR
+from clims_pl.runtime import remove_unused_run_dir
 
 
 def _entry(config_name: str, target: str) -> Callable[[], Any]:
@@ -24,7 +27,11 @@ def _entry(config_name: str, target: str) -> Callable[[], Any]:
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def main(cfg: DictConfig) -> Any:
         # The return value matters to optimising sweepers (Optuna reads it); plain runs ignore it.
-        return getattr(importlib.import_module(module_name), func_name)(cfg)
+        try:
+            return getattr(importlib.import_module(module_name), func_name)(cfg)
+        except BaseException:
+            remove_unused_run_dir(Path(HydraConfig.get().runtime.output_dir))
+            raise
 
     return main
 

@@ -35,6 +35,7 @@ from clims_pl.metrics import (
     sweep_confusions,
     sweep_histogram,
 )
+from clims_pl.provenance import identity
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             progress=True,
             num_threads=cfg.eval.num_threads,
         )
-    result.update(split=cfg.eval.split, gt_root=str(cfg.data.root), source=str(cfg.eval.labels or cfg.eval.cam_dir))
+    source = str(cfg.eval.labels or cfg.eval.cam_dir)
+    # What was evaluated: the folder's provenance record (which checkpoint, which CAMs), not just its path.
+    result.update(split=cfg.eval.split, gt_root=str(cfg.data.root), source=source, source_id=identity(source))
     out_dir = Path(cfg.eval.out_dir)
     atomic_write_json(out_dir / f"{name}.json", result)
     atomic_write_text(out_dir / f"{name}.md", metrics_markdown(result, f"{name} on {cfg.eval.split}"))

@@ -10,7 +10,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,21 +21,57 @@ from typing import Any
 
 import numpy as np
 
+#: Temp names carry the writer's host and pid, so a starting stage can tell its own stale temps from a live writer's.
+_TEMP = re.compile(r"^\..+\.clims-(?P<host>.+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+#: A temp older than this is stale whoever wrote it (a writer on another host that died).
+STALE_TEMP_S = 24 * 3600
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temp is created with mode 0o666 minus the umask, like any ``open(path, "w")``, so group members can read
+    results written under a group-friendly umask (mkstemp's private 0o600 would stick after the rename).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = path.parent / f".{path.name}.clims-{socket.gethostname()}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete temps of ``atomic_path`` in ``folder`` left by a killed writer (its pid is gone on this host, or the
+    temp is older than a day); a concurrent writer's temps and files of other programs are left alone."""
+    removed, host, now = 0, socket.gethostname(), time.time()
+    for tmp in Path(folder).glob(".*.tmp"):
+        match = _TEMP.match(tmp.name)
+        if match is None:
+            continue
+        try:
+            old = now - tmp.stat().st_mtime > STALE_TEMP_S
+        except FileNotFoundError:
+            continue
+        if old or (match["host"] == host and not _alive(int(match["pid"]))):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

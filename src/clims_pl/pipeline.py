@@ -8,9 +8,11 @@ match, so
 
 * rerunning a finished pipeline costs seconds;
 * deleting an artifact reruns that stage and, since its outputs' fingerprint changes, every stage after it;
-* a killed stage has no finished manifest and runs again, training stages resuming from their ``last.ckpt``
-  (their overrides say ``ckpt_path=last``) and per-image stages skipping the files already written;
-* a changed config of a stage wipes that stage's folder first, so no artifact of another config survives.
+* a stage that runs starts by claiming its folder (``provenance.json`` = its config hash and inputs, see
+  clims_pl/provenance.py): a killed stage of the same config and inputs resumes, training stages from their
+  ``last.ckpt`` (their overrides say ``ckpt_path=last``) and per-image stages skipping the files already written;
+* any other rerun (changed config, changed inputs, a deleted or touched output, ``--from``/``--only``) empties the
+  stage's folder first, so no artifact of other inputs survives.
 
 Sweeps reach inside stages with ``pipeline.set.<stage>`` (a nested or dotted mapping appended to that stage's
 overrides: ``clims-reproduce -m experiment=toy_ablation pipeline.set.clims.loss.alpha=1,10``), and a stage with a
@@ -23,11 +25,9 @@ logger option of every stage that has a ``logger`` group, and ``pipeline.wandb_g
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib
 import json
 import re
-import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -47,6 +47,7 @@ from rich.console import Console
 
 from clims_pl.config import CONF_DIR
 from clims_pl.io import atomic_write_json
+from clims_pl.provenance import claim, config_hash, fingerprint
 from clims_pl.runtime import prepare_run
 
 MANIFEST = "manifest.json"
@@ -195,30 +196,6 @@ def stages_from_config(pipeline: DictConfig, default_group: str | None = None) -
     ]
 
 
-def fingerprint(paths: Iterable[Path]) -> str:
-    """Cheap identity of files/folders: names, sizes and mtimes (a rewritten file gets a new mtime)."""
-    h = hashlib.sha256()
-    for root in paths:
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        for f in files:
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-            else:
-                h.update(f"{f}|missing\n".encode())
-    return h.hexdigest()[:16]
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of the resolved config. The ``logger`` group is left out: where a stage logs to does not change what
-    it produces, so switching to wandb (or another wandb group) reruns nothing."""
-    if "logger" in cfg:
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            cfg.pop("logger")
-    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()[:16]
-
-
 def compose_stage(stage: Stage, stage_dir: Path, root_dir: Path, common: Iterable[str]) -> DictConfig:
     """The stage's full config: its root config + the pipeline's common overrides + its own, rooted in stage_dir."""
     paths = [f"paths.root_dir={hydra_value(str(root_dir))}", f"paths.output_dir={hydra_value(str(stage_dir))}"]
@@ -315,21 +292,25 @@ def _run_or_skip(
     outputs = [stage_dir / o for o in stage.outputs]
     old = read_manifest(stage_dir)
     if only and stage.name not in only:
-        if old is None:
+        if old is None or not old.get("finished"):
             raise RuntimeError(f"--only {only}: stage {stage.name!r} has not run yet in {stage_dir}; run it first")
         return old
     if stage.name not in forced and is_current(old, cfg_hash, inputs, fingerprint(outputs)):
         console.print(f"[green]✓ {stage.name}[/green] up to date ({old['wall_s']:.1f} s when it ran) — skipped")
         return old
-    if old is not None and old.get("config_hash") != cfg_hash and stage_dir.exists():
-        if stage.dir is not None and old.get("finished"):
-            raise RuntimeError(
-                f"shared stage {stage.name!r} in {stage_dir} was run with another config ({old.get('config_hash')}, "
-                f"now {cfg_hash}): runs sharing a stage must not change it; delete that folder or set another dir"
-            )
-        console.print(f"[yellow]{stage.name}: config changed, clearing {stage_dir}[/yellow]")
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    finished = bool(old and old.get("finished"))
+    if stage.dir is not None and finished and (old.get("config_hash"), old.get("inputs")) != (cfg_hash, inputs):
+        raise RuntimeError(
+            f"shared stage {stage.name!r} in {stage_dir} was run with another config or inputs "
+            f"({old.get('config_hash')}, now {cfg_hash}): runs sharing a stage must not change it; delete that folder "
+            "or set another dir"
+        )
+    # Only an interrupted run of the same config and inputs resumes; a finished result that is no longer current
+    # (changed config, inputs or outputs) and a forced stage are recomputed from an empty folder.
+    record = {"stage": stage.name, "config_hash": cfg_hash, "inputs": inputs}
+    claim(
+        stage_dir, record, what=f"outputs of stage {stage.name}", overwrite=True, fresh=finished or stage.name in forced
+    )
     console.rule(f"stage {stage.name}")
     start = time.perf_counter()
     module_name, func_name = stage.target.split(":")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ import rich.syntax
 import rich.tree
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from clims_pl.io import atomic_write_text
@@ -49,6 +53,19 @@ def apply_runtime(cfg: DictConfig) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
+#: What every launch writes before doing any work: Hydra's ``.hydra/`` and job log, and ``config.yaml``.
+BOOKKEEPING = (".hydra", "config.yaml")
+
+
+def remove_unused_run_dir(folder: Path) -> bool:
+    """Delete the run folder of a failed launch if it holds nothing but BOOKKEEPING and logs, so failed attempts
+    leave no empty timestamped folders behind; a folder with any result (or a resumed old run) is kept."""
+    if not folder.is_dir() or any(p.name not in BOOKKEEPING and p.suffix != ".log" for p in folder.iterdir()):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Build every ``_target_`` entry of a dict-of-objects group (callbacks, logger); empty if absent."""
     if not group:
@@ -61,3 +78,39 @@ def log_metrics(loggers: list[Logger], metrics: dict[str, float], step: int | No
     for logger in loggers:
         logger.log_metrics(metrics, step=step)
         logger.save()
+
+
+class _ResumingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued instead of deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._continue = self._fs.isfile(self.metrics_file_path)
+
+    def save(self) -> None:
+        """Before the first rows of a resumed run: drop the old rows from the step it resumed at on (logged after
+        its checkpoint, now logged again), keep the earlier ones."""
+        if self._continue and self.metrics:
+            self._continue = False
+            first = min(row["step"] for row in self.metrics)
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                reader = csv.DictReader(file)
+                keys, rows = list(reader.fieldnames or []), [r for r in reader if float(r["step"]) < first]
+            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+            self.metrics_keys = keys
+        super().save()
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger whose ``metrics.csv`` survives a resume: rows logged before the checkpoint are kept, rows after it
+    are replaced by the resumed run's. A fresh start deletes the file first (``clims_pl.train.run``)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -21,15 +21,16 @@ from tqdm import tqdm
 
 from clims_pl.cams import load_cam
 from clims_pl.data.voc import load_image, read_split, save_label_png
+from clims_pl.io import remove_stale_temps
+from clims_pl.provenance import claim, identity
 from clims_pl.refine.crf import crf_inference_label
 
 log = logging.getLogger("clims_pl")
 
 
 def pending_pngs(ids: list[str], out_dir: Path) -> list[str]:
-    """Ids without ``<out_dir>/<id>.png``; temp files of a killed run (atomic writes) are removed first."""
-    for stale in out_dir.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    """Ids without ``<out_dir>/<id>.png``; temp files of a killed writer (atomic writes) are removed first."""
+    remove_stale_temps(out_dir)
     return [i for i in ids if not (out_dir / f"{i}.png").is_file()]
 
 
@@ -89,17 +90,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Write ``<ir_labels.out_dir>/<id>.png`` for every id of ``ir_labels.split``; skip those already written.
 
     Reads ``data.root`` (images) and the ``ir_labels`` section: split, cam_dir, out_dir, fg_threshold,
-    bg_threshold, num_workers, crf (pydensecrf parameters).
+    bg_threshold, num_workers, crf (pydensecrf parameters). Labels of other CAMs or settings in ``out_dir`` are
+    refused unless ``overwrite=true`` (recomputes them all).
     """
     stage = cfg.ir_labels
     root, out_dir = str(cfg.data.root), Path(stage.out_dir)
     ids = read_split(root, stage.split)
-    todo = pending_pngs(ids, out_dir)
     params = {
         "fg_threshold": float(stage.fg_threshold),
         "bg_threshold": float(stage.bg_threshold),
         "crf": OmegaConf.to_container(stage.crf, resolve=True),
     }
+    record = {"cams": identity(stage.cam_dir), "images": root, "split": stage.split, **params}
+    claim(out_dir, record, what="IR labels", owned=("*.png",), overwrite=bool(cfg.get("overwrite")))
+    todo = pending_pngs(ids, out_dir)
     log.info("ir_labels: %d of %d images to do -> %s", len(todo), len(ids), out_dir)
     start = time.time()
     work = partial(_make_one, root=root, cam_dir=str(stage.cam_dir), out_dir=str(out_dir), params=params)

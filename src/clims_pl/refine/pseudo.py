@@ -28,6 +28,7 @@ from clims_pl.evaluate import display_names, evaluate_label_dir
 from clims_pl.io import atomic_write_json
 from clims_pl.models.checkpoint import load_net
 from clims_pl.models.irn import IRNet
+from clims_pl.provenance import claim, identity
 from clims_pl.refine.ir_labels import pending_pngs
 from clims_pl.refine.random_walk import propagate_to_edge, walk_to_label
 from clims_pl.runtime import apply_runtime
@@ -90,7 +91,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Reads ``ckpt`` (IRN checkpoint from clims-train experiment=..._irn), ``model.net`` (its IRNet config),
     ``data.root`` / ``data.classes`` and the ``pseudo`` section. Returns the metrics dict (also written to
-    ``pseudo.metrics_path``).
+    ``pseudo.metrics_path``). Labels of another checkpoint, CAMs or settings in ``pseudo.out_dir`` are refused
+    unless ``overwrite=true`` (recomputes them all).
     """
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.get("ckpt"):
         raise ValueError("ckpt is required: the IRN checkpoint, e.g. ckpt=<irn run>/checkpoints/last.ckpt")
@@ -98,6 +100,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.pseudo
     root, out_dir = str(cfg.data.root), Path(stage.out_dir)
     ids = read_split(root, stage.split)
+    walk = {k: stage[k] for k in ("radius", "beta", "exp_times", "bg_threshold")}
+    record = {
+        "ckpt": identity(cfg.ckpt),
+        "cams": identity(stage.cam_dir),
+        "images": root,
+        "split": stage.split,
+        "net": OmegaConf.to_container(cfg.model.net, resolve=True),
+        **walk,
+    }
+    claim(out_dir, record, what="pseudo labels", owned=("*.png",), overwrite=bool(cfg.get("overwrite")))
     todo = pending_pngs(ids, out_dir)
     device = resolve_device(stage.device)
     start = time.time()
@@ -106,7 +118,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         loader = DataLoader(
             PseudoLabelInputs(root, todo, stage.cam_dir), batch_size=None, num_workers=int(stage.num_workers)
         )
-        walk = {k: stage[k] for k in ("radius", "beta", "exp_times", "bg_threshold")}
         for item in tqdm(loader, desc="pseudo labels", unit="img", dynamic_ncols=True):
             label = pseudo_label(net, item["pair"].to(device), item["cam"], item["keys"], **walk)
             save_label_png(out_dir / f"{item['id']}.png", label)

@@ -33,6 +33,7 @@ from clims_pl.io import atomic_path, atomic_write_json
 from clims_pl.metrics import pair_confusion
 from clims_pl.models.checkpoint import load_net
 from clims_pl.modules.seg import deeplab_scores
+from clims_pl.provenance import claim, identity
 from clims_pl.refine.crf import crf_inference_prob
 from clims_pl.refine.ir_labels import pending_pngs
 from clims_pl.refine.pseudo import resolve_device
@@ -204,6 +205,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         crf_miou = result.get("crf", {}).get("miou")
         log.info("DeepLab %s mIoU %s, with CRF %s", stage.val_split, result["plain"]["miou"], crf_miou)
     if stage.test_split:
+        record = {
+            "ckpt": identity(cfg.ckpt),
+            "net": OmegaConf.to_container(cfg.model.net, resolve=True),
+            "split": stage.test_split,
+            **{k: v for k, v in options.items() if k not in ("device", "num_workers")},
+        }
+        png_dir = Path(stage.out_dir) / RESULTS_SUBDIR
+        claim(png_dir, record, what="test predictions", owned=("*.png",), overwrite=bool(cfg.get("overwrite")))
         archive = export_test(net, root, read_split(root, stage.test_split), stage.out_dir, **options)
         result["test_archive"] = str(archive)
         log.info("test predictions archived in %s", archive)

@@ -1,0 +1,114 @@
+"""Provenance: a stage whose inputs changed (or that is forced) recomputes everything; same inputs resume.
+
+The pipeline test is issue 14's probe: toy_cam (2 steps) → its CAMs → eval, then the same with the upstream
+``cam`` stage changed (``pipeline.set.cam.trainer.max_steps=4``) and with ``--from cam``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+from omegaconf import OmegaConf, open_dict
+from test_demo import _tiny
+
+from clims_pl.pipeline import run
+from clims_pl.provenance import RECORD, ProvenanceError, claim, identity
+
+
+def test_claim_keeps_same_record_clears_or_refuses_another(tmp_path: Path) -> None:
+    folder = tmp_path / "labels"
+    assert claim(folder, {"ckpt": "a"}, what="labels", owned=("*.png",)) is False  # empty: nothing to keep
+    (folder / "1.png").write_text("from a")
+    (folder / "notes.txt").write_text("not ours")
+    assert claim(folder, {"ckpt": "a"}, what="labels", owned=("*.png",)) is True  # same inputs: resume
+    with pytest.raises(ProvenanceError, match=rf"^{folder} holds labels made from other ckpt; pass overwrite=true"):
+        claim(folder, {"ckpt": "b"}, what="labels", owned=("*.png",))
+    assert (folder / "1.png").read_text() == "from a"
+    assert claim(folder, {"ckpt": "b"}, what="labels", owned=("*.png",), overwrite=True) is False
+    assert not (folder / "1.png").exists() and (folder / "notes.txt").exists()  # only its own files go
+    assert json.loads((folder / RECORD).read_text()) == {"ckpt": "b"}
+    (folder / "1.png").write_text("from b")
+    assert claim(folder, {"ckpt": "b"}, what="labels", owned=("*.png",), fresh=True) is False  # forced
+    assert not (folder / "1.png").exists()
+    # Files of an unknown origin (no record) are not adopted either.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "2.png").write_text("?")
+    with pytest.raises(ProvenanceError, match="unknown inputs"):
+        claim(legacy, {"ckpt": "b"}, what="labels", owned=("*.png",))
+
+
+def test_identity_is_content_for_files_and_record_for_folders(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    a.write_bytes(b"weights")
+    b.write_bytes(b"weights")
+    assert identity(a) == identity(b) == "7:" + __import__("hashlib").sha256(b"weights").hexdigest()[:16]
+    b.write_bytes(b"weightz")
+    assert identity(b) != identity(a)
+    assert identity(tmp_path / "nothing") == "missing"
+    claim(tmp_path / "cams", {"ckpt": identity(a)}, what="CAMs")
+    before = identity(tmp_path / "cams")
+    (tmp_path / "cams" / "x.npz").write_bytes(b"1")  # more files of the same provenance: the same inputs
+    assert identity(tmp_path / "cams") == before and before.startswith("record:")
+
+
+def _three_stages(root: Path) -> object:
+    """toy_demo cut to cam → cams_cam → eval_cam at CI size."""
+    cfg = compose_config("reproduce", root, ["experiment=toy_demo"])
+    with open_dict(cfg):
+        stages = cfg.pipeline.stages
+        for name in list(stages):
+            if name not in ("cam", "cams_cam", "eval_cam"):
+                stages[name] = None
+                cfg.pipeline.set.pop(name, None)
+        for name in ("cam", "cams_cam", "eval_cam"):
+            stages[name].overrides = [*stages[name].overrides, *_tiny(name, stages[name].config)]
+        stages.cams_cam.overrides.append("data.scales=[1.0]")
+        stages.cam.overrides.append("trainer.log_every_n_steps=1")
+    return cfg
+
+
+def _cams(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (run_dir / "cams_cam" / "cams").glob("*.npz")}
+
+
+def test_upstream_change_and_from_recompute_everything_downstream(tmp_path: Path) -> None:
+    cfg = _three_stages(tmp_path)
+    run_dir = Path(cfg.run_dir)
+    first = run(cfg)
+    cams = _cams(run_dir)
+    assert first["cam"]["metrics"]["global_step"] == 2 and first["cams_cam"]["finished"] and len(cams) == 16
+
+    # The issue's probe: cam retrains, and cams_cam used to report "computed 0" (every file kept) with an
+    # unchanged mIoU. Now every CAM is recomputed from the new checkpoint.
+    with open_dict(cfg):
+        cfg.pipeline.set.cam = OmegaConf.create({"trainer": {"max_steps": 4}})
+    second = run(cfg)
+    assert second["cam"]["metrics"]["global_step"] == 4
+    manifest = json.loads((run_dir / "cams_cam" / "cams" / "manifest.json").read_text())
+    assert (manifest["computed"], manifest["skipped"]) == (16, 0)
+    changed = _cams(run_dir)
+    assert changed.keys() == cams.keys() and all(changed[k] != cams[k] for k in cams)
+    assert second["eval_cam"]["inputs"] == {"cams_cam": second["cams_cam"]["outputs_fingerprint"]}
+    # The evaluation names what it evaluated: the CAM folder's record (which checkpoint), not just its path.
+    assert second["eval_cam"]["metrics"]["source_id"] != first["eval_cam"]["metrics"]["source_id"]
+
+    # --from cam used to "resume" the finished last.ckpt and train nothing (1.7 s). Now it starts from step 0
+    # in an emptied folder: the csv log holds the new run's 4 steps only, the stray file is gone.
+    stray = run_dir / "cam" / "stray.txt"
+    stray.write_text("from the previous run")
+    with open_dict(cfg):
+        cfg.pipeline.from_stage = "cam"
+    run(cfg)
+    assert not stray.exists()
+    rows = (run_dir / "cam" / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    steps = sorted(
+        {int(r.split(",")[header.index("step")]) for r in rows[1:] if r.split(",")[header.index("train/loss")]}
+    )
+    assert steps == [0, 1, 2, 3]
+    manifest = json.loads((run_dir / "cams_cam" / "cams" / "manifest.json").read_text())
+    assert manifest["computed"] == 16
