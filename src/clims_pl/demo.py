@@ -207,9 +207,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "wall_s": round(wall, 1),
         "run_dir": str(run_dir),
     }
+    title = (
+        f"# clims-pl demo on the toy world ({len(ids)} {cfg.data.eval_split} images; DeepLab on {cfg.data.val_split})"
+    )
     text = "\n".join(
         [
-            f"# clims-pl demo on the toy world ({len(ids)} {cfg.data.eval_split} images; DeepLab on {cfg.data.val_split})",
+            title,
             "",
             demo_table(rows),
             "",
