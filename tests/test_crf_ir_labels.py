@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -100,6 +101,11 @@ def test_stage_parallel_resumable(tmp_path: Path, compose_cfg) -> None:
         allowed = {0, 255} | {int(k) + 1 for k in cams[image_id]["keys"]}
         assert set(np.unique(label).tolist()) <= allowed
     assert not list(out.glob(".*.tmp"))
+    # diagnostics on the evaluation split (train here): shares add up, precision within [0, 1], markdown beside
+    diag = json.loads(Path(cfg.ir_labels.metrics_path).read_text())
+    assert diag["num_images"] == 3 and sum(diag["fraction"].values()) == pytest.approx(1.0)
+    assert 0.0 <= diag["fg_precision"] <= 1.0 and stats["fg_precision"] == diag["fg_precision"]
+    assert Path(cfg.ir_labels.metrics_path).with_suffix(".md").is_file()
     (out / "b.png").unlink()
     killed = subprocess.Popen([sys.executable, "-c", "pass"])
     killed.wait()

@@ -81,6 +81,14 @@ def test_toy_demo_pipeline_at_ci_size(tmp_path: Path) -> None:
         assert key in results
     # The refinement stages connect: their mIoUs reach the table (values are meaningless at 2 steps).
     assert results["pseudo_miou"] is not None and results["seg_val_miou"] is not None
+    assert results["seg_val_crf_miou"] is not None and 0.0 < results["all_background_miou"] < 100.0
+    # ... and so do their diagnostics, with the files they were read from and the refinement overlays.
+    for stage, file in (("ir_labels", "ir_labels"), ("pseudo", "irn_edges"), ("pseudo", "pseudo")):
+        assert (Path(cfg.run_dir) / stage / "metrics" / f"{file}.md").is_file()
+    diag = results["diagnostics"]
+    assert diag["ir_fg_precision"] is not None and diag["walk_oracle_edge_miou"] is not None
+    assert diag["edge_recall"] is not None and diag["walk_no_walk_miou"] is not None
+    assert any((Path(cfg.run_dir) / "demo" / "overlays" / "refinement").glob("*.png"))
     assert 0.0 <= results["baseline_miou"] <= 100.0 and 0.0 <= results["clims_miou"] <= 100.0
     # The numbers come from the evaluation stages' files.
     cams_json = json.loads((Path(cfg.run_dir) / "eval_clims" / "metrics" / "cams.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -133,8 +134,18 @@ def test_pseudo_stage_writes_and_evaluates(tmp_path: Path, compose_cfg) -> None:
     assert result["written"] == 2 and result["num_images"] == 2
     assert 0.0 <= result["miou"] <= 1.0
     assert Path(cfg.pseudo.metrics_path).is_file()
-    again = pseudo.run(cfg)  # resumable: nothing left to write
+    # diagnostics: one npz per evaluation image, the edge report, and the walk variants next to the mIoU
+    diag_dir, metrics = Path(cfg.pseudo.diag_dir), Path(cfg.pseudo.metrics_path).parent
+    assert sorted(p.stem for p in diag_dir.glob("*.npz")) == ["a", "b"]
+    edges = json.loads((metrics / "irn_edges.json").read_text())
+    assert edges["num_images"] == 2 and edges["counts"]["gt"] > 0 and (metrics / "irn_edges.md").is_file()
+    assert set(result["diagnostics"]) >= {"no_walk", "no_edge", "oracle_edge", "irn_edge"}
+    assert result["diagnostics"]["irn_edge"]["miou"] == result["miou"]
+    assert "walk, oracle edges" in (metrics / "pseudo.md").read_text()
+    (diag_dir / "a.npz").unlink()
+    again = pseudo.run(cfg)  # resumable: no label left to write, the missing diagnostics file is recomputed
     assert again["written"] == 0 and again["skipped"] == 2 and again["miou"] == result["miou"]
+    assert (diag_dir / "a.npz").is_file() and again["diagnostics"] == result["diagnostics"]
     # IRN retrained into the same file: its labels are not the old ones, so the folder is refused.
     torch.save({"state_dict": {f"net.{k}": v + 0.01 for k, v in net.state_dict().items()}}, ckpt)
     with pytest.raises(ProvenanceError, match=r"pseudo holds pseudo labels made from other ckpt"):

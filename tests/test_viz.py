@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from cam_fixtures import write_cam_files, write_voc_root
 from PIL import Image
 
-from clims_pl.data.voc import VOC_PALETTE
-from clims_pl.viz import GAP, TITLE_HEIGHT, heat_overlay, overlay_panel, pick_ids, run
+from clims_pl.data.voc import VOC_PALETTE, save_label_png
+from clims_pl.refine.diagnostics import save_diag
+from clims_pl.viz import GAP, TITLE_HEIGHT, heat_overlay, overlay_panel, pick_ids, refinement_panel, run
 
 NAMES = ["background", *(f"class{i}" for i in range(1, 21))]
 
@@ -62,3 +64,44 @@ def test_run_writes_overlays_for_random_or_given_ids(tmp_path: Path, compose_cfg
         run(compose_cfg("viz", [*base, "viz.ids=[2007_000003]"]))
     with pytest.raises(FileNotFoundError, match=r"no CAM file for viz\.ids"):
         pick_ids(tmp_path / "run" / "cams", ["nope"], 1)
+
+
+def test_refinement_panel_tiles() -> None:
+    image = np.full((16, 20, 3), 100, dtype=np.uint8)
+    gt = np.zeros((16, 20), np.uint8)
+    gt[4:12, 4:12] = 2
+    ir = np.full((16, 20), 255, np.uint8)
+    ir[6:10, 6:10] = 2
+    edge = np.zeros((4, 5), np.float32)
+    edge[1, 1] = 1.0  # stride-4 cell (1, 1) = pixels 4..7
+    walked = np.zeros((1, 4, 5), np.float32)
+    panel = refinement_panel(image, gt, np.zeros((1, 16, 20), np.float32), ir, edge, walked, gt)
+    assert panel.size == (7 * 20 + 6 * GAP, 16 + TITLE_HEIGHT)  # image CAM IR edge walked pseudo gt
+    pixels = np.asarray(panel)[TITLE_HEIGHT:]
+
+    def at(tile: int, y: int, x: int) -> tuple[int, ...]:
+        return tuple(pixels[y, tile * (20 + GAP) + x])
+
+    assert at(2, 8, 8) == tuple(VOC_PALETTE[2]) and at(2, 0, 0) == tuple(VOC_PALETTE[255])  # IR label, unsure
+    assert at(3, 5, 5) == (255, 255, 255) and at(3, 0, 0) == (0, 0, 0)  # edge map: white on the boundary cell
+    assert at(5, 8, 8) == tuple(VOC_PALETTE[2]) and at(6, 1, 1) == tuple(VOC_PALETTE[0])  # pseudo label, gt
+
+
+def test_run_writes_refinement_panels(tmp_path: Path, compose_cfg) -> None:
+    shapes = {"2007_000001": (30, 45), "2007_000002": (36, 24)}
+    masks = write_voc_root(tmp_path / "voc", shapes)
+    cams = write_cam_files(tmp_path / "run" / "cams", masks)
+    for image_id, mask in masks.items():
+        save_label_png(tmp_path / "ir" / f"{image_id}.png", mask)
+        save_label_png(tmp_path / "pseudo" / f"{image_id}.png", np.where(mask == 255, 0, mask))
+    cam = torch.from_numpy(cams["2007_000001"]["cam"])
+    walks = {"walked": cam, "oracle": cam, "no_edge": cam}
+    save_diag(tmp_path / "diag" / "2007_000001.npz", cams["2007_000001"]["keys"], torch.rand(cam.shape[1:]), walks)
+    base = [f"data.root={tmp_path / 'voc'}", f"run_dir={tmp_path / 'run'}", "viz.max_side=null"]
+    refine = [f"viz.refinement.diag_dir={tmp_path / 'diag'}", f"viz.refinement.ir_label_dir={tmp_path / 'ir'}"]
+    with pytest.raises(ValueError, match=r"also set viz\.refinement\.pseudo_dir"):
+        run(compose_cfg("viz", [*base, *refine]))
+    refine.append(f"viz.refinement.pseudo_dir={tmp_path / 'pseudo'}")
+    paths = run(compose_cfg("viz", [*base, *refine]))  # only ids with a diagnostics file are drawn
+    assert [p.stem for p in paths] == ["2007_000001"]
+    assert Image.open(paths[0]).size == (7 * 45 + 6 * GAP, 30 + TITLE_HEIGHT)

@@ -7,6 +7,10 @@ Two numbers per method, both read from files the pipeline wrote:
 * the **co-occurring-background false-activation rate**: of the pixels showing class c's co-occurring background
   (boat ↔ water, ...) in images that contain c, the share the CAM labels as c — the shortcut CLIMS's BTM/CBS
   losses are meant to remove. It needs the toy world's per-pixel background maps (``ToyBackground/``).
+
+Then the refinement chain, also from the stages' files: pseudo-label and DeepLab mIoU beside the score of predicting
+background everywhere, and the diagnostics of ``clims_pl.refine.diagnostics`` (IR-label precision, IRN boundary F,
+the walk with oracle / no edges), with refinement overlay panels in ``overlays/refinement``.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from clims_pl.cams import load_cam
 from clims_pl.data.toy import BACKGROUND_DIR, TOY_BACKGROUNDS, read_toy_meta
 from clims_pl.data.voc import load_mask, read_split
 from clims_pl.io import atomic_write_json, atomic_write_text
-from clims_pl.metrics import cam_prediction
+from clims_pl.metrics import cam_prediction, miou_from_confusion, segmentation_confusion
 from clims_pl.pipeline import read_manifest
 from clims_pl.runtime import prepare_run
-from clims_pl.viz import write_overlays
+from clims_pl.viz import write_overlays, write_refinement_overlays
 
 
 def cobg_counts(pred: np.ndarray, gt: np.ndarray, background: np.ndarray, cobg: Sequence[int]) -> np.ndarray:
@@ -98,15 +102,80 @@ def _method_row(name: str, eval_dir: Path, cam_dir: Path, root: Path, ids: list[
     }
 
 
+def _read_metrics(run_dir: Path, stage: str | None, file: str) -> dict[str, Any]:
+    """``<run_dir>/<stage>/metrics/<file>`` as a dict; empty when the stage is not configured or has not run."""
+    path = run_dir / stage / "metrics" / file if stage else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
 def _stage_miou(run_dir: Path, stage: str | None, file: str, key: str = "miou") -> float | None:
     """mIoU (percent) at ``key`` (dotted path) of ``<run_dir>/<stage>/metrics/<file>``; None if not run."""
-    path = run_dir / stage / "metrics" / file if stage else None
-    if path is None or not path.is_file():
-        return None
-    value: Any = json.loads(path.read_text())
+    value: Any = _read_metrics(run_dir, stage, file)
     for part in key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     return None if value is None else 100.0 * value
+
+
+def all_background_miou(root: str | os.PathLike, ids: Sequence[str], num_classes: int) -> float:
+    """mIoU (percent) of predicting background everywhere on ``ids``: the floor every stage must clear."""
+    gts = [load_mask(root, i) for i in ids]
+    return 100.0 * miou_from_confusion(segmentation_confusion((np.zeros_like(g) for g in gts), gts, num_classes))[0]
+
+
+def refinement_diagnostics(run_dir: Path, ir_stage: str | None, pseudo_stage: str | None) -> dict[str, Any]:
+    """Percent figures of the IR-label, IRN-edge and walk diagnostics the refinement stages wrote (None: absent)."""
+    ir = _read_metrics(run_dir, ir_stage, "ir_labels.json")
+    edges = _read_metrics(run_dir, pseudo_stage, "irn_edges.json")
+    walks = _read_metrics(run_dir, pseudo_stage, "pseudo.json").get("diagnostics", {})
+
+    def pct(value: float | None) -> float | None:
+        return None if value is None else 100.0 * value
+
+    return {
+        "ir_fg_precision": pct(ir.get("fg_precision")),
+        "ir_bg_precision": pct(ir.get("bg_precision")),
+        "ir_fraction": {k: pct(v) for k, v in ir.get("fraction", {}).items()},
+        "edge_precision": pct(edges.get("precision")),
+        "edge_recall": pct(edges.get("recall")),
+        "edge_f": pct(edges.get("f")),
+        "edge_mean": edges.get("mean_edge", {}),
+        **{f"walk_{k}_miou": pct(walks.get(k, {}).get("miou")) for k in ("no_walk", "no_edge", "oracle_edge")},
+    }
+
+
+def refinement_table(results: dict[str, Any]) -> str:
+    """The refinement chain and its diagnostics, one row each (percent)."""
+    d = results["diagnostics"]
+    frac, mean = d["ir_fraction"], d["edge_mean"]
+
+    def num(v: float | None) -> str:
+        return "—" if v is None else f"{v:.2f}"
+
+    rows = [
+        ("all-background prediction mIoU (floor)", _pct(results["all_background_miou"])),
+        (
+            "IR labels: confident fg / bg / unsure pixels (%)",
+            f"{_pct(frac.get('foreground'))} / {_pct(frac.get('background'))} / {_pct(frac.get('unsure'))}",
+        ),
+        (
+            "IR labels: precision of confident fg / bg (%)",
+            f"{_pct(d['ir_fg_precision'])} / {_pct(d['ir_bg_precision'])}",
+        ),
+        (
+            "IRN boundary P / R / F (%, 1-cell tolerance)",
+            f"{_pct(d['edge_precision'])} / {_pct(d['edge_recall'])} / {_pct(d['edge_f'])}",
+        ),
+        (
+            "IRN mean edge: object / true boundary / background",
+            f"{num(mean.get('object_interior'))} / {num(mean.get('boundary'))} / {num(mean.get('background'))}",
+        ),
+        ("labels without walk (CAMs upsampled) mIoU", _pct(d["walk_no_walk_miou"])),
+        ("walk with no edges mIoU", _pct(d["walk_no_edge_miou"])),
+        ("pseudo labels (walk with IRN edges) mIoU", _pct(results["pseudo_miou"])),
+        ("walk with oracle edges mIoU", _pct(d["walk_oracle_edge_miou"])),
+        ("DeepLab val mIoU / + dense CRF", f"{_pct(results['seg_val_miou'])} / {_pct(results['seg_val_crf_miou'])}"),
+    ]
+    return "\n".join(["| refinement | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -133,18 +202,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "pseudo_miou": _stage_miou(run_dir, d.get("pseudo_stage"), "pseudo.json"),
         "seg_val_miou": _stage_miou(run_dir, d.get("seg_stage"), "seg_val.json", "plain.miou"),
         "seg_val_crf_miou": _stage_miou(run_dir, d.get("seg_stage"), "seg_val.json", "crf.miou"),
+        "all_background_miou": all_background_miou(root, ids, len(cfg.data.classes) + 1),
+        "diagnostics": refinement_diagnostics(run_dir, d.get("ir_labels_stage"), d.get("pseudo_stage")),
         "wall_s": round(wall, 1),
         "run_dir": str(run_dir),
     }
-    table = demo_table(rows)
-    extra = [f"pseudo labels (IRN random walk) mIoU: {_pct(results['pseudo_miou'])}"] if results["pseudo_miou"] else []
-    if results["seg_val_miou"] is not None:
-        extra.append(
-            f"DeepLab on pseudo labels, val mIoU: {_pct(results['seg_val_miou'])} "
-            f"(with dense CRF: {_pct(results['seg_val_crf_miou'])})"
-        )
+    title = (
+        f"# clims-pl demo on the toy world ({len(ids)} {cfg.data.eval_split} images; DeepLab on {cfg.data.val_split})"
+    )
     text = "\n".join(
-        [f"# clims-pl demo on the toy world ({len(ids)} {cfg.data.eval_split} images)", "", table, "", *extra]
+        [
+            title,
+            "",
+            demo_table(rows),
+            "",
+            refinement_table(results),
+        ]
     )
     atomic_write_text(out / "demo_table.md", text + "\n")
     atomic_write_json(out / "demo_results.json", results)
@@ -159,6 +232,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             names,
             threshold=row["best_threshold"],
         )
+    if d.get("pseudo_stage") and d.get("ir_labels_stage"):
+        stage = run_dir / d.pseudo_stage
+        dirs = {
+            "cams": run_dir / d.clims_cams / "cams",
+            "ir_labels": run_dir / d.ir_labels_stage / "ir_labels",
+            "pseudo": stage / "pseudo",
+            "diag": stage / "pseudo_diag",
+        }
+        shown = [i for i in ids if (dirs["diag"] / f"{i}.npz").is_file()][: d.overlays]
+        write_refinement_overlays(dirs, root, shown, out / "overlays" / "refinement")
     print(text)
     print(f"\nwritten: {out / 'demo_results.json'} (overlays in {out / 'overlays'})")
     return results

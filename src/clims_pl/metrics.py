@@ -13,6 +13,10 @@ Pure numpy functions, no I/O:
   CAMs (each file's maps are reduced once; every threshold is read off a per-pixel histogram).
 * ``summarise_confusion(conf, names)`` → mIoU, per-class IoU, foreground precision/recall, among_predfg_bg and the
   eval_sem_seg fp/fn figures, as a JSON-ready dict.
+* ``confident_confusion`` + ``summarise_confident`` → how much of a label map with an "unsure" value (IR labels)
+  is confident, and how often the confident part is right.
+* ``boundary_cells``, ``boundary_counts`` + ``boundary_scores`` → precision / recall / F of a boundary map against
+  ground-truth class boundaries with a tolerance in cells (BSDS-like matching by dilation).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 
 def _check_pair(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int) -> np.ndarray:
@@ -200,3 +205,103 @@ def summarise_confusion(conf: np.ndarray, names: Sequence[str]) -> dict:
         "fn_fg": _foreground_nanmean(fn),
         "pixels": int(conf.sum()),
     }
+
+
+def confident_confusion(label: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """(C, C+1) int64 confusion of a label map whose ``ignore_index`` means "unsure" (column C); rows = ground truth.
+
+    Ground-truth pixels equal to ``ignore_index`` are skipped, as in :func:`pair_confusion`.
+    """
+    unsure = np.where(np.asarray(label) == ignore_index, num_classes, label)
+    conf = pair_confusion(unsure, gt, num_classes + 1, ignore_index)
+    if conf[num_classes].any():
+        raise ValueError(f"ground truth has labels outside [0, {num_classes}) other than ignore_index={ignore_index}")
+    return conf[:num_classes]
+
+
+def summarise_confident(conf: np.ndarray, names: Sequence[str]) -> dict:
+    """JSON-ready summary of a :func:`confident_confusion` (C, C+1); ``names`` = C names, background first.
+
+    ``fraction`` {foreground, background, unsure}: shares of the counted pixels labelled a class, 0, or unsure;
+    ``fg_precision``: confident foreground pixels whose ground truth is that very class / confident foreground
+    pixels; ``bg_precision``: pixels labelled 0 whose ground truth is 0 / pixels labelled 0; ``fg_recall`` /
+    ``bg_recall``: the same correct pixels / ground-truth foreground (background) pixels; ``per_class`` {name:
+    {fraction, precision}}. Ratios with a zero denominator are None.
+    """
+    conf = np.asarray(conf, dtype=np.int64)
+    num_classes = len(conf)
+    if len(names) != num_classes or conf.shape != (num_classes, num_classes + 1):
+        raise ValueError(f"{len(names)} class names for a {conf.shape} confident-label confusion matrix")
+    labelled, total, correct = conf.sum(axis=0), int(conf.sum()), np.diag(conf[:, :num_classes])
+    fg_labelled, fg_correct = int(labelled[1:num_classes].sum()), int(correct[1:].sum())
+    return {
+        "fraction": {
+            "foreground": _ratio(fg_labelled, total),
+            "background": _ratio(int(labelled[0]), total),
+            "unsure": _ratio(int(labelled[num_classes]), total),
+        },
+        "fg_precision": _ratio(fg_correct, fg_labelled),
+        "bg_precision": _ratio(int(correct[0]), int(labelled[0])),
+        "fg_recall": _ratio(fg_correct, int(conf[1:].sum())),
+        "bg_recall": _ratio(int(correct[0]), int(conf[0].sum())),
+        "per_class": {
+            name: {"fraction": _ratio(int(labelled[c]), total), "precision": _ratio(int(correct[c]), int(labelled[c]))}
+            for c, name in enumerate(names)
+        },
+        "pixels": total,
+    }
+
+
+def boundary_cells(grid: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """(h, w) bool ground-truth boundary of a label grid: cells that are ``ignore_index`` (VOC draws its void band
+    along object outlines) or whose label differs from that of a 4-neighbour that is not ``ignore_index``.
+
+    A change between two classes therefore marks the cells on both sides; the image border is not a boundary.
+    """
+    grid = np.asarray(grid)
+    ignored = grid == ignore_index
+    out = ignored.copy()
+    for axis in (0, 1):
+        lo, hi = (slice(None, -1), slice(1, None)) if axis == 0 else (np.s_[:, :-1], np.s_[:, 1:])
+        differ = grid[lo] != grid[hi]
+        out[lo] |= differ & ~ignored[hi]
+        out[hi] |= differ & ~ignored[lo]
+    return out
+
+
+def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
+    """Binary dilation by a (2r+1)² square: a max-pool of stride 1 (cells within Chebyshev distance ``radius``)."""
+    padded = np.pad(np.asarray(mask, dtype=bool), radius)
+    return sliding_window_view(padded, (2 * radius + 1, 2 * radius + 1)).any(axis=(-2, -1))
+
+
+def boundary_counts(pred: np.ndarray, gt: np.ndarray, tolerance: int = 1) -> np.ndarray:
+    """(4,) int64 [predicted cells near a true boundary, predicted cells, true cells near a prediction, true cells].
+
+    "Near" = within ``tolerance`` cells (Chebyshev), matched by dilating the other map (BSDS-like, no one-to-one
+    assignment). Counts of several images add up; :func:`boundary_scores` turns them into P / R / F.
+    """
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"boundary map {pred.shape} and ground-truth boundary {gt.shape} differ in shape")
+    return np.array(
+        [(pred & dilate(gt, tolerance)).sum(), pred.sum(), (gt & dilate(pred, tolerance)).sum(), gt.sum()],
+        dtype=np.int64,
+    )
+
+
+def boundary_scores(counts: np.ndarray) -> dict:
+    """precision, recall and F (harmonic mean; 0 when either is 0) from summed :func:`boundary_counts`.
+
+    Precision is None without predicted cells (recall is then 0 and F 0); recall and F are None without true
+    boundary cells.
+    """
+    hit_pred, n_pred, hit_gt, n_gt = (int(v) for v in counts)
+    precision, recall = _ratio(hit_pred, n_pred), _ratio(hit_gt, n_gt)
+    if recall is None:
+        f = None
+    elif not precision or not recall:
+        f = 0.0
+    else:
+        f = 2 * precision * recall / (precision + recall)
+    return {"precision": precision, "recall": recall, "f": f}

@@ -3,7 +3,8 @@
 Two CRF-refined argmax maps per image: a strict one (background plane 0.30) gives the foreground classes, a
 lenient one (background plane 0.10) gives the background; every pixel neither map is sure about is 255.
 CPU-bound (two CRFs per image), so images are spread over ``num_workers`` processes. The stage is resumable:
-an existing PNG (written atomically) means that image is done.
+an existing PNG (written atomically) means that image is done. After writing, the labels of the evaluation split
+are scored against ground truth (``metrics/ir_labels.json`` + ``.md``, see ``clims_pl.refine.diagnostics``).
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ from tqdm import tqdm
 
 from clims_pl.cams import load_cam
 from clims_pl.data.voc import load_image, read_split, save_label_png
+from clims_pl.evaluate import display_names, instantiate_loggers
 from clims_pl.io import remove_stale_temps
 from clims_pl.provenance import claim, identity
 from clims_pl.refine.crf import crf_inference_label
+from clims_pl.refine.diagnostics import evaluated_ids, ir_label_diagnostics, ir_labels_markdown, write_diagnostics
 
 log = logging.getLogger("clims_pl")
 
 
-def pending_pngs(ids: list[str], out_dir: Path) -> list[str]:
-    """Ids without ``<out_dir>/<id>.png``; temp files of a killed writer (atomic writes) are removed first."""
+def pending_pngs(ids: list[str], out_dir: Path, suffix: str = ".png") -> list[str]:
+    """Ids without ``<out_dir>/<id><suffix>``; temp files of a killed writer (atomic writes) are removed first."""
     remove_stale_temps(out_dir)
-    return [i for i in ids if not (out_dir / f"{i}.png").is_file()]
+    return [i for i in ids if not (out_dir / f"{i}{suffix}").is_file()]
 
 
 def class_lookup(keys: np.ndarray) -> np.ndarray:
@@ -88,10 +91,11 @@ def _make_one(image_id: str, root: str, cam_dir: str, out_dir: str, params: dict
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Write ``<ir_labels.out_dir>/<id>.png`` for every id of ``ir_labels.split``; skip those already written.
+    Then score the labels of ``ir_labels.eval_split`` (∩ split) into ``ir_labels.metrics_path`` (+ ``.md``, loggers).
 
     Reads ``data.root`` (images) and the ``ir_labels`` section: split, cam_dir, out_dir, fg_threshold,
-    bg_threshold, num_workers, crf (pydensecrf parameters). Labels of other CAMs or settings in ``out_dir`` are
-    refused unless ``overwrite=true`` (recomputes them all).
+    bg_threshold, num_workers, crf (pydensecrf parameters), eval_split, metrics_path. Labels of other CAMs or
+    settings in ``out_dir`` are refused unless ``overwrite=true`` (recomputes them all).
     """
     stage = cfg.ir_labels
     root, out_dir = str(cfg.data.root), Path(stage.out_dir)
@@ -119,4 +123,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for _ in pool.imap_unordered(work, todo, chunksize=4):
                 progress.update()
     progress.close()
-    return {"total": len(ids), "written": len(todo), "skipped": len(ids) - len(todo), "wall_s": time.time() - start}
+    result = {"total": len(ids), "written": len(todo), "skipped": len(ids) - len(todo), "wall_s": time.time() - start}
+    eval_ids = evaluated_ids(read_split(root, stage.eval_split), ids)
+    if eval_ids:
+        names = display_names(cfg.data.classes, cfg.data.get("prompts"))
+        diag = ir_label_diagnostics(out_dir, root, eval_ids, names)
+        diag["split"] = stage.eval_split
+        title = f"IR labels on {stage.eval_split} ({len(eval_ids)} images)"
+        write_diagnostics(
+            stage.metrics_path, diag, ir_labels_markdown(diag, title), instantiate_loggers(cfg), "ir_labels"
+        )
+        log.info(
+            "ir_labels on %s: confident fg precision %.1f%%, bg precision %.1f%%",
+            stage.eval_split,
+            100 * (diag["fg_precision"] or float("nan")),
+            100 * (diag["bg_precision"] or float("nan")),
+        )
+        result.update(fg_precision=diag["fg_precision"], bg_precision=diag["bg_precision"])
+    return result

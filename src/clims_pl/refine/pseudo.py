@@ -3,7 +3,10 @@
 For each image: the IRN edge map of (image, flip) at full resolution, the stride-4 CAMs of ``cams/<id>.npz``
 walked with the sparse transition matrix (radius 5, β = 10, 2⁸ steps), upsampled, globally normalised and
 thresholded against a background plane of 0.2. Labels go to ``<out_dir>/<id>.png`` (atomic, resumable);
-then they are evaluated on the evaluation split like the CAMs (``metrics/pseudo.json``).
+then they are evaluated on the evaluation split like the CAMs (``metrics/pseudo.json``). With ``pseudo.diagnostics``
+the evaluation images also get ``<diag_dir>/<id>.npz`` (boundary map, walked maps, the oracle-edge and no-edge walks)
+and the stage writes the diagnostics of ``clims_pl.refine.diagnostics`` (``metrics/irn_edges.json``, and
+``diagnostics`` in ``metrics/pseudo.json``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
@@ -24,11 +26,19 @@ from clims_pl.cams import load_cam
 from clims_pl.data.segmentation import to_tensor
 from clims_pl.data.transforms import imagenet_normalize
 from clims_pl.data.voc import load_image, read_split, save_label_png
-from clims_pl.evaluate import display_names, evaluate_label_dir
-from clims_pl.io import atomic_write_json
+from clims_pl.evaluate import _ground_truth, display_names, evaluate_label_dir, instantiate_loggers, metrics_markdown
 from clims_pl.models.checkpoint import load_net
 from clims_pl.models.irn import IRNet
 from clims_pl.provenance import claim, identity
+from clims_pl.refine.diagnostics import (
+    diagnostic_walks,
+    edges_markdown,
+    evaluated_ids,
+    pseudo_diagnostics,
+    save_diag,
+    walks_markdown,
+    write_diagnostics,
+)
 from clims_pl.refine.ir_labels import pending_pngs
 from clims_pl.refine.random_walk import propagate_to_edge, walk_to_label
 from clims_pl.runtime import apply_runtime
@@ -60,23 +70,18 @@ class PseudoLabelInputs(Dataset):
 
 
 @torch.no_grad()
-def pseudo_label(
-    net: IRNet,
-    pair: torch.Tensor,
-    cam: torch.Tensor,
-    keys: np.ndarray,
-    radius: int = 5,
-    beta: float = 10.0,
-    exp_times: int = 8,
-    bg_threshold: float = 0.2,
-) -> np.ndarray:
-    """(H, W) uint8 pseudo label (0..C, no 255) of one image from its (image, flip) pair and stride-4 CAMs."""
-    height, width = pair.shape[-2:]
-    if len(keys) == 0:
-        return np.zeros((height, width), dtype=np.uint8)
+def edge_and_walk(
+    net: IRNet, pair: torch.Tensor, cam: torch.Tensor, radius: int = 5, beta: float = 10.0, exp_times: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(IRN boundary map (h, w), walked CAMs (K, h, w)) of one image from its (image, flip) pair and stride-4 CAMs.
+
+    ``walk_to_label(walked, keys, (H, W), bg_threshold)`` makes the pseudo label (all background when K = 0).
+    """
     edge = net.edge_map(pair)
-    walked = propagate_to_edge(cam.to(edge), edge, radius=radius, beta=beta, exp_times=exp_times)
-    return walk_to_label(walked, keys, (height, width), bg_threshold)
+    cam = cam.to(edge)
+    if len(cam) == 0:
+        return edge, cam
+    return edge, propagate_to_edge(cam, edge, radius=radius, beta=beta, exp_times=exp_times)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,32 +105,57 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stage = cfg.pseudo
     root, out_dir = str(cfg.data.root), Path(stage.out_dir)
     ids = read_split(root, stage.split)
-    walk = {k: stage[k] for k in ("radius", "beta", "exp_times", "bg_threshold")}
+    walk = {k: stage[k] for k in ("radius", "beta", "exp_times")}
     record = {
         "ckpt": identity(cfg.ckpt),
         "cams": identity(stage.cam_dir),
         "images": root,
         "split": stage.split,
         "net": OmegaConf.to_container(cfg.model.net, resolve=True),
+        "bg_threshold": stage.bg_threshold,
         **walk,
     }
-    claim(out_dir, record, what="pseudo labels", owned=("*.png",), overwrite=bool(cfg.get("overwrite")))
-    todo = pending_pngs(ids, out_dir)
+    overwrite = bool(cfg.get("overwrite"))
+    claim(out_dir, record, what="pseudo labels", owned=("*.png",), overwrite=overwrite)
+    eval_ids = read_split(root, stage.eval_split)
+    diag_ids = evaluated_ids(eval_ids, ids) if stage.diagnostics else []
+    if diag_ids:
+        claim(stage.diag_dir, record, what="walk diagnostics", owned=("*.npz",), overwrite=overwrite)
+    todo = set(pending_pngs(ids, out_dir))
+    diag_todo = set(pending_pngs(diag_ids, Path(stage.diag_dir), suffix=".npz")) if diag_ids else set()
+    work = [i for i in ids if i in todo or i in diag_todo]
     device = resolve_device(stage.device)
     start = time.time()
-    if todo:
+    if work:
         net = load_net(cfg.model.net, cfg.ckpt).to(device)
         loader = DataLoader(
-            PseudoLabelInputs(root, todo, stage.cam_dir), batch_size=None, num_workers=int(stage.num_workers)
+            PseudoLabelInputs(root, work, stage.cam_dir), batch_size=None, num_workers=int(stage.num_workers)
         )
         for item in tqdm(loader, desc="pseudo labels", unit="img", dynamic_ncols=True):
-            label = pseudo_label(net, item["pair"].to(device), item["cam"], item["keys"], **walk)
-            save_label_png(out_dir / f"{item['id']}.png", label)
+            image_id, pair = item["id"], item["pair"].to(device)
+            edge, walked = edge_and_walk(net, pair, item["cam"], **walk)
+            if image_id in todo:
+                label = walk_to_label(walked, item["keys"], pair.shape[-2:], float(stage.bg_threshold))
+                save_label_png(out_dir / f"{image_id}.png", label)
+            if image_id in diag_todo:
+                walks = diagnostic_walks(item["cam"], edge, _ground_truth(root, image_id), **walk)
+                save_diag(Path(stage.diag_dir) / f"{image_id}.npz", item["keys"], edge, {"walked": walked, **walks})
     labelled = time.time() - start
     log.info("pseudo: wrote %d of %d labels in %.1f s -> %s", len(todo), len(ids), labelled, out_dir)
     names = display_names(cfg.data.classes, cfg.data.get("prompts"))
-    result = evaluate_label_dir(out_dir, root, read_split(root, stage.eval_split), names, progress=True)
+    result = evaluate_label_dir(out_dir, root, eval_ids, names, progress=True)
     result.update(split=stage.eval_split, written=len(todo), skipped=len(ids) - len(todo), label_s=labelled)
-    atomic_write_json(stage.metrics_path, result)
+    loggers = instantiate_loggers(cfg)
+    markdown = metrics_markdown(result, f"pseudo labels on {stage.eval_split}")
+    if diag_ids:
+        edges, walks = pseudo_diagnostics(
+            stage.diag_dir, stage.cam_dir, root, diag_ids, names, float(stage.bg_threshold)
+        )
+        result["diagnostics"] = {**walks, "irn_edge": {"miou": result["miou"]}, "edge_f": edges["f"]}
+        markdown += "\n" + walks_markdown(walks, result["miou"])
+        edges_path = Path(stage.metrics_path).with_name("irn_edges.json")
+        title = f"IRN boundary map on {stage.eval_split} ({len(diag_ids)} images)"
+        write_diagnostics(edges_path, edges, edges_markdown(edges, title), loggers, "irn_edges")
+    write_diagnostics(stage.metrics_path, result, markdown, loggers, "pseudo")
     log.info("pseudo-label mIoU on %s: %.2f", stage.eval_split, 100 * (result["miou"] or float("nan")))
     return result
