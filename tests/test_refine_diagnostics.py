@@ -18,6 +18,7 @@ from clims_pl.metrics import (
     boundary_scores,
     confident_confusion,
     miou_from_confusion,
+    oracle_edges,
     pair_confusion,
     summarise_confident,
 )
@@ -97,11 +98,18 @@ def test_oracle_walk_recovers_the_mask_better_than_no_edges() -> None:
     # Without edges the walk spreads the CAM over the whole 16x16 grid (radius 5 reaches everywhere) and every
     # pixel is foreground: background IoU 0, object IoU 32²/64².
     assert no_edge == pytest.approx((0 + 32 * 32 / 64**2) / 2)
-    # With the oracle the walk fills the object's interior cells 5..10 (its perimeter cells are boundary, zeroed)
-    # about evenly and stops; bilinear ×4 then crosses 0.2·max at pixels 19..44: object IoU 26²/32², background
-    # IoU (64² − 32²)/(64² − 26²).
-    uniform = (26**2 / 32**2 + (64**2 - 32**2) / (64**2 - 26**2)) / 2
+    # With the (one-sided) oracle the background ring of cells 3 and 12 is the edge: the walk fills the object's
+    # cells 4..11 evenly and stops; bilinear ×4 then crosses 0.2·max at pixels 15..48 (34 px, the object is 32):
+    # object IoU 32²/34², background IoU (64² − 34²)/(64² − 32²).
+    uniform = (32**2 / 34**2 + (64**2 - 34**2) / (64**2 - 32**2)) / 2
     assert oracle == pytest.approx(uniform, abs=0.01) and oracle > no_edge + 0.2
+
+
+def test_oracle_edges_are_one_sided() -> None:
+    grid = np.array([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 2, 0], [0, 0, 0, 255]])
+    # background next to an object, the lower class where two meet, and void cells; never an object's own ring
+    expected = np.array([[0, 1, 1, 0], [1, 0, 1, 1], [1, 1, 0, 1], [0, 1, 1, 1]], bool)
+    np.testing.assert_array_equal(oracle_edges(grid), expected)
 
 
 def test_all_background_miou_hand_count(tmp_path: Path) -> None:

@@ -269,6 +269,25 @@ def boundary_cells(grid: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     return out
 
 
+def oracle_edges(grid: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """(h, w) bool one-sided ground-truth boundary for the oracle walk: ``ignore_index`` cells, and cells next to a
+    4-neighbour of a HIGHER label (not ``ignore_index``): the background ring around an object, or the lower
+    class where two classes meet.
+
+    Not :func:`boundary_cells`: the walk zeroes the CAM on edge cells and cuts them off, so a two-sided boundary
+    would also delete each object's outer ring of cells — on a coarse stride-4 grid (thin objects) most of the
+    object — and an "oracle" would then score below no walk at all.
+    """
+    grid = np.asarray(grid)
+    ignored = grid == ignore_index
+    out = ignored.copy()
+    for axis in (0, 1):
+        lo, hi = (slice(None, -1), slice(1, None)) if axis == 0 else (np.s_[:, :-1], np.s_[:, 1:])
+        out[lo] |= (grid[lo] < grid[hi]) & ~ignored[hi]
+        out[hi] |= (grid[hi] < grid[lo]) & ~ignored[lo]
+    return out
+
+
 def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
     """Binary dilation by a (2r+1)² square: a max-pool of stride 1 (cells within Chebyshev distance ``radius``)."""
     padded = np.pad(np.asarray(mask, dtype=bool), radius)

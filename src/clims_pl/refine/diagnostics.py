@@ -34,6 +34,7 @@ from clims_pl.metrics import (
     boundary_counts,
     boundary_scores,
     confident_confusion,
+    oracle_edges,
     pair_confusion,
     summarise_confident,
     summarise_confusion,
@@ -74,9 +75,10 @@ def ir_label_diagnostics(
 def diagnostic_walks(
     cam: torch.Tensor, edge: torch.Tensor, gt: np.ndarray, radius: int, beta: float, exp_times: int
 ) -> dict[str, torch.Tensor]:
-    """The walk of the (K, h, w) CAMs with the oracle boundary map (1 on ground-truth boundary cells, else 0) and
-    with no boundaries (0 everywhere), same settings as the pseudo labels; on ``edge``'s device."""
-    oracle = torch.from_numpy(gt_boundary(gt, edge.shape)[1]).to(edge)
+    """The walk of the (K, h, w) CAMs with the oracle boundary map (1 on the one-sided ground-truth boundary of
+    :func:`~clims_pl.metrics.oracle_edges`, else 0) and with no boundaries (0 everywhere), same settings as the
+    pseudo labels; on ``edge``'s device."""
+    oracle = torch.from_numpy(oracle_edges(gt_boundary(gt, edge.shape)[0])).to(edge)
     cam = cam.to(edge)
     if len(cam) == 0:
         return {"oracle": cam, "no_edge": cam}
