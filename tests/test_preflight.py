@@ -105,7 +105,7 @@ def test_paper_voc_preflight_end_to_end(voc_root: Path, tmp_path: Path) -> None:
     assert rows["seg_eval"]["estimate_s"] == pytest.approx(rows["seg_eval"]["wall_s"] / 4 * 1449, abs=0.1)
     assert rows["report"]["estimate_s"] is None
     assert "CLIP float16 (clip.precision=fp16; fp16 on cuda)" in rows["clims"]["precision"]
-    assert rows["cam"]["precision"].startswith("32-true (float32 weights, no autocast)")
+    assert rows["cam"]["precision"] == "32-true (float32 weights, float32 compute)"
     assert rows["clims"]["weights"] == ["ViT-B-32-quickgelu random init"]
     assert "| **total** |" in (out / "preflight.md").read_text()
 

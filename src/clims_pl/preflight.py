@@ -58,25 +58,33 @@ WEIGHTS = ("auto", "pretrained", "random")
 
 class StepTimer(L.Callback):
     """Wall time of every training batch (forward, backward, optimiser step; data loading excluded) and the
-    precision the stage really ran in, written to ``<trainer.default_root_dir>/preflight_steps.json``."""
+    precision the stage really ran in, written to ``<trainer.default_root_dir>/preflight_steps.json``: the
+    trainer's setting, the weights' dtype, the dtype the network's first convolution computed in during the first
+    training batch (bf16/fp16 under autocast) and the CLIP teacher's dtype."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self.info: dict[str, Any] = {}
         self._start = 0.0
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from clims_pl.models.clip_evaluator import ClipEvaluator
 
-        precision = str(trainer.precision)
-        clip = [str(m.dtype).removeprefix("torch.") for m in pl_module.modules() if isinstance(m, ClipEvaluator)]
+        clip = [_dtype_name(m.dtype) for m in pl_module.modules() if isinstance(m, ClipEvaluator)]
         self.info = {
             "device": str(pl_module.device),
-            "trainer_precision": precision,
-            "autocast": ("bf16" if precision.startswith("bf16") else "fp16") if "mixed" in precision else None,
-            "param_dtype": str(next(pl_module.parameters()).dtype).removeprefix("torch."),
+            "trainer_precision": str(trainer.precision),
+            "param_dtype": _dtype_name(next(pl_module.parameters()).dtype),
             "clip_dtype": clip[0] if clip else None,
         }
+        conv = next(m for m in pl_module.modules() if isinstance(m, torch.nn.Conv2d))
+        self._hook = conv.register_forward_hook(self._record_compute_dtype)
+
+    def _record_compute_dtype(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        self.info["compute_dtype"] = _dtype_name(output.dtype)
+        if self._hook is not None:
+            self._hook.remove()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         _sync(pl_module.device)
@@ -90,6 +98,10 @@ class StepTimer(L.Callback):
         if trainer.is_global_zero:
             path = Path(trainer.default_root_dir) / STEPS_FILE
             atomic_write_json(path, {**self.info, "batch_seconds": [round(s, 4) for s in self.seconds]})
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _sync(device: torch.device) -> None:
@@ -255,15 +267,16 @@ def precision_text(stage_cfg: DictConfig, steps: dict[str, Any] | None) -> str:
 
     parts = []
     if steps:
-        parts.append(f"{steps['trainer_precision']} ({steps['param_dtype']} weights")
-        parts[-1] += f", autocast {steps['autocast']})" if steps["autocast"] else ", no autocast)"
+        parts.append(f"{steps['trainer_precision']} ({steps['param_dtype']} weights, {steps['compute_dtype']} compute)")
         if steps.get("clip_dtype"):
             cuda = resolve_precision(str(stage_cfg.clip.precision), "cuda")
             parts.append(f"CLIP {steps['clip_dtype']} (clip.precision={stage_cfg.clip.precision}; {cuda} on cuda)")
     elif OmegaConf.select(stage_cfg, "trainer.precision"):
         parts.append(str(stage_cfg.trainer.precision))
-    else:
+    elif OmegaConf.select(stage_cfg, "model.net"):
         parts.append("fp32")
+    else:
+        parts.append("—")  # no network (evaluation, report)
     return "; ".join(parts)
 
 
@@ -417,7 +430,7 @@ def run_preflight(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         "images": images,
         "steps": steps,
         "weights": mode,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (trainer.accelerator=cpu)",
         "data_root": str(cfg.data_root),
         "split_sizes": sizes,
         "torch": torch.__version__,
@@ -425,5 +438,5 @@ def run_preflight(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     markdown = render_table(rows, meta)
     atomic_write_text(run_dir / "preflight.md", markdown)
     atomic_write_json(run_dir / "preflight.json", {**meta, "stages": rows})
-    console.print(markdown, markup=False, highlight=False)
+    print(markdown)
     return manifests
