@@ -8,13 +8,14 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from cam_fixtures import write_voc_dataset
 from conftest import compose_config
 from omegaconf import OmegaConf, open_dict
 
 from clims_pl.data.voc import read_split
 from clims_pl.pipeline import compose_stage, config_hash, run, stages_from_config
-from clims_pl.preflight import STEPS_FILE, split_sizes, subset_root, training_overlay
+from clims_pl.preflight import STEPS_FILE, split_sizes, subset_root, training_overlay, weights_overlay
 
 #: The real architectures at sizes two CPU cores train in seconds (crops, batches, workers, random-walk pad).
 CPU_SIZES = {
@@ -63,6 +64,32 @@ def test_training_overlay_validates_once_after_the_last_step() -> None:
     assert training_overlay(cam, images=8, steps=5)["trainer.check_val_every_n_epoch"] == 2  # ⌈5 / 4⌉
 
 
+def test_weights_are_used_when_on_disk_and_random_otherwise(compose_cfg, monkeypatch, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch"))
+    irn = compose_cfg("train", ["experiment=paper_voc_irn", "data.label_dir=x"])
+    clims = compose_cfg("train", ["experiment=paper_voc_clims"])
+    assert weights_overlay(irn, "auto") == (
+        {"model.net.pretrained": False},
+        ["resnet50 random init (no local weights)"],
+    )
+    assert weights_overlay(irn, "pretrained") == ({}, ["resnet50.tv_in1k (download)"])
+    assert weights_overlay(clims, "random") == ({"clip.pretrained": None}, ["ViT-B-32-quickgelu random init"])
+    # timm's weights in the Hugging Face cache layout: found, so used.
+    snapshot = tmp_path / "hub" / "models--timm--resnet50.tv_in1k" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(b"")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    assert weights_overlay(irn, "auto") == ({}, ["resnet50.tv_in1k (on disk)"])
+    local = tmp_path / "clip.pt"
+    local.write_bytes(b"")
+    clims.clip.pretrained = str(local)
+    assert weights_overlay(clims, "auto") == ({}, [f"ViT-B-32-quickgelu {local} (on disk)"])
+
+
 @pytest.mark.slow
 def test_paper_voc_preflight_end_to_end(voc_root: Path, tmp_path: Path) -> None:
     args = ["experiment=paper_voc", f"data_root={voc_root}", "preflight=true", "preflight_images=4"]
@@ -107,6 +134,7 @@ def test_paper_voc_preflight_end_to_end(voc_root: Path, tmp_path: Path) -> None:
     assert "CLIP float16 (clip.precision=fp16; fp16 on cuda)" in rows["clims"]["precision"]
     assert rows["cam"]["precision"] == "32-true (float32 weights, float32 compute)"
     assert rows["clims"]["weights"] == ["ViT-B-32-quickgelu random init"]
+    assert rows["cam"]["weights"] == ["resnet50 random init"] and rows["seg"]["weights"] == ["resnet101 random init"]
     assert "| **total** |" in (out / "preflight.md").read_text()
 
     # No preflight manifest can stand in for a real stage: every stage config differs (data root, run folder).

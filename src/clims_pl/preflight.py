@@ -220,7 +220,7 @@ def weights_overlay(real: DictConfig, mode: str) -> tuple[dict[str, Any], list[s
             said.append(f"{net.backbone} random init" + (" (no local weights)" if mode == "auto" else ""))
         else:
             said.append(f"{name} ({'on disk' if local else 'download'})")
-    clip = real.get("clip")
+    clip = OmegaConf.select(real, "model.objective.evaluator")  # the CLIP the model builds (${clip}), if any
     if clip is not None and clip.get("pretrained") not in (None, ""):
         local = mode != "random" and _clip_on_disk(clip)
         if mode == "random" or (mode == "auto" and not local):
