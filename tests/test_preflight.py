@@ -46,7 +46,8 @@ def test_subset_root_takes_the_first_ids_and_keeps_train_inside_train_aug(voc_ro
     assert (subset / "SegmentationClassAug" / "2007_000006.png").resolve() == voc_root / "SegmentationClassAug" / (
         "2007_000006.png"
     )
-    assert subset_root(voc_root, tmp_path, 4) == subset and subset_root(voc_root, tmp_path, 3) != subset
+    assert subset_root(voc_root, tmp_path, 4) == subset
+    assert subset_root(voc_root, tmp_path, 3) != subset and not subset.exists()  # another selection, a new folder
     # The estimates use VOC's split sizes when the root is smaller.
     assert split_sizes(voc_root, None) == {"train": 6, "val": 5, "train_aug": 6}
     from clims_pl.data.voc import VOC_CLASSES

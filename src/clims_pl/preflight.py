@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import resource
 import shutil
@@ -158,18 +159,20 @@ def subset_root(source: str | Path, parent: Path, images: int) -> Path:
     """A VOC-layout folder of symlinks to the first ``images`` ids of ``train`` and of ``val`` of ``source``.
 
     Its train_aug (SegmentationClassAug ∪ train − val) is then exactly those train ids, so train ⊂ train_aug as on
-    VOC, and every stage reads its splits unchanged. The folder name hashes the source and the count: another
-    root or count gives another ``data_root``, hence other stage configs.
+    VOC, and every stage reads its splits unchanged. The folder name hashes the source and the chosen ids: another
+    root, count or split list gives another ``data_root``, hence other stage configs; older folders are removed.
     """
     source = validate_voc_root(source, need_aug=True).resolve()
     ids = {split: read_split(source, split)[:images] for split in ("train", "val")}
     empty = [split for split, chosen in ids.items() if not chosen]
     if empty:
         raise ValueError(f"data_root={source}: split(s) {empty} list no image; the preflight needs train and val")
-    key = hashlib.sha256(f"{source}|{images}".encode()).hexdigest()[:8]
+    key = hashlib.sha256(json.dumps([str(source), ids]).encode()).hexdigest()[:8]
     dest = parent / f"voc_{images}_{key}"
     if dest.is_dir():
         return dest
+    for old in parent.glob("voc_*"):
+        shutil.rmtree(old)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for folder, suffix in (
@@ -316,10 +319,8 @@ def estimate(
 def split_sizes(source: str | Path, classes: list[str] | None) -> dict[str, int]:
     """Images per split of the real run: the root's own counts, or VOC's where a VOC root holds fewer."""
     reference = VOC_SPLIT_SIZES if classes == list(VOC_CLASSES) else {}
-    sizes = dict(reference)
-    for split in ("train", "val", "train_aug"):
-        sizes[split] = max(len(read_split(source, split)), reference.get(split, 0))
-    return sizes
+    splits = {"train_aug", *(p.stem for p in (Path(source) / "ImageSets" / "Segmentation").glob("*.txt"))}
+    return {split: max(len(read_split(source, split)), reference.get(split, 0)) for split in sorted(splits)}
 
 
 def _hms(seconds: float | None) -> str:
