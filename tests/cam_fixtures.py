@@ -31,6 +31,7 @@ def write_voc_root(
     masks = {}
     for image_id, (h, w) in shapes.items():
         mask = np.zeros((h, w), dtype=np.uint8)
+        # Drawn even when ``classes`` is given, so the generator's stream (the other tests' data) stays the same.
         drawn = rng.choice(20, size=int(rng.integers(1, 3)), replace=False) + 1
         present = drawn if classes is None else np.asarray(classes[image_id])
         for i, c in enumerate(present):

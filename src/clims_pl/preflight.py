@@ -29,7 +29,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -212,25 +212,25 @@ def training_overlay(real: DictConfig, images: int, steps: int) -> dict[str, Any
 def weights_overlay(real: DictConfig, mode: str) -> tuple[dict[str, Any], list[str]]:
     """Overrides that switch a training stage's pretrained weights to random init (``random``, or ``auto`` when
     they are not on disk), and a line per weight source saying what the stage uses."""
-    overlay: dict[str, Any] = {}
-    said: list[str] = []
+    # (override key, its random-init value, architecture, pretrained source, whether that source is on disk)
+    sources: list[tuple[str, Any, str, str, Callable[[], bool]]] = []
     net = OmegaConf.select(real, "model.net")
     if net is not None and net.get("pretrained") not in (None, False, "", "false", "False"):
         name = f"{net.backbone}.{net.pretrained_tag}" if net.pretrained is True else str(net.pretrained)
-        local = mode != "random" and _trunk_on_disk(net)
-        if mode == "random" or (mode == "auto" and not local):
-            overlay["model.net.pretrained"] = False
-            said.append(f"{net.backbone} random init" + (" (no local weights)" if mode == "auto" else ""))
-        else:
-            said.append(f"{name} ({'on disk' if local else 'download'})")
+        sources.append(("model.net.pretrained", False, net.backbone, name, lambda: _trunk_on_disk(net)))
     clip = OmegaConf.select(real, "model.objective.evaluator")  # the CLIP the model builds (${clip}), if any
     if clip is not None and clip.get("pretrained") not in (None, ""):
-        local = mode != "random" and _clip_on_disk(clip)
+        name = f"{clip.model} {clip.pretrained}"
+        sources.append(("clip.pretrained", None, clip.model, name, lambda: _clip_on_disk(clip)))
+    overlay: dict[str, Any] = {}
+    said: list[str] = []
+    for key, random_init, architecture, name, on_disk in sources:
+        local = mode != "random" and on_disk()
         if mode == "random" or (mode == "auto" and not local):
-            overlay["clip.pretrained"] = None
-            said.append(f"{clip.model} random init" + (" (no local weights)" if mode == "auto" else ""))
+            overlay[key] = random_init
+            said.append(f"{architecture} random init" + (" (no local weights)" if mode == "auto" else ""))
         else:
-            said.append(f"{clip.model} {clip.pretrained} ({'on disk' if local else 'download'})")
+            said.append(f"{name} ({'on disk' if local else 'download'})")
     return overlay, said
 
 
