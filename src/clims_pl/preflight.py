@@ -362,6 +362,34 @@ def render_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def miniature(
+    cfg: DictConfig, real: dict[str, DictConfig], run_dir: Path, data_root: Path
+) -> tuple[DictConfig, dict[str, list[str]]]:
+    """The pipeline config of the preflight (``pipeline.set`` overlay, run folder, data root) and, per stage, the
+    weights it uses. ``real``: each stage's composed config in the real run."""
+    overlay: dict[str, dict[str, Any]] = {}
+    said: dict[str, list[str]] = {}
+    for name, stage_cfg in real.items():
+        overlay[name], said[name] = {}, []
+        if not torch.cuda.is_available() and OmegaConf.select(stage_cfg, "trainer.accelerator") in ("gpu", "cuda"):
+            overlay[name]["trainer.accelerator"] = "cpu"  # no GPU here: check everything else on the CPU
+        if cfg.pipeline.stages[name].target == "clims_pl.train:run":
+            weights, said[name] = weights_overlay(stage_cfg, str(cfg.preflight_weights))
+            train_images = len(read_split(data_root, str(stage_cfg.data.train_split)))
+            overlay[name].update(training_overlay(stage_cfg, train_images, int(cfg.preflight_steps)), **weights)
+    mini = copy.deepcopy(cfg)
+    with open_dict(mini):
+        mini.preflight = False
+        mini.run_dir = str(run_dir)
+        mini.data_root = str(data_root)
+        # pipeline.set describes the real run (the overlay was computed from it); the overlay comes last.
+        mini.pipeline.set = OmegaConf.merge(OmegaConf.to_container(cfg.pipeline.set, resolve=True), overlay)
+        for node in mini.pipeline.stages.values():
+            if node is not None and node.get("dir"):
+                node.dir = None  # a shared stage folder of the real runs stays untouched: use <run_dir>/<stage>
+    return mini, said
+
+
 def run_preflight(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Run the experiment's stages in miniature in ``<run_dir>_preflight``; write and print the table."""
     images, steps, mode = int(cfg.preflight_images), int(cfg.preflight_steps), str(cfg.preflight_weights)
@@ -374,45 +402,25 @@ def run_preflight(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     real_dir, root_dir = Path(str(cfg.run_dir)), Path(cfg.paths.root_dir)
     run_dir = real_dir.with_name(f"{real_dir.name}_preflight")
     common = [str(o) for o in cfg.pipeline.get("common") or ()]
-    real_stages = stages_from_config(cfg.pipeline, default_wandb_group(cfg))
-    real = {s.name: compose_stage(s, s.folder(real_dir), root_dir, common) for s in real_stages}
-    data_root = subset_root(cfg.data_root, run_dir / "data", images)
-
-    overlay: dict[str, dict[str, Any]] = {}
-    said: dict[str, list[str]] = {}
-    for stage in real_stages:
-        stage_cfg, overlay[stage.name], said[stage.name] = real[stage.name], {}, []
-        if not torch.cuda.is_available() and OmegaConf.select(stage_cfg, "trainer.accelerator") in ("gpu", "cuda"):
-            overlay[stage.name]["trainer.accelerator"] = "cpu"  # no GPU here: check everything else on the CPU
-        if stage.target == "clims_pl.train:run":
-            weights, said[stage.name] = weights_overlay(stage_cfg, mode)
-            train_images = len(read_split(data_root, str(stage_cfg.data.train_split)))
-            overlay[stage.name].update(training_overlay(stage_cfg, train_images, steps), **weights)
-    mini = copy.deepcopy(cfg)
-    with open_dict(mini):
-        mini.preflight = False
-        mini.run_dir = str(run_dir)
-        mini.data_root = str(data_root)
-        # pipeline.set describes the real run (the overlay was computed from it); the overlay comes last.
-        mini.pipeline.set = OmegaConf.merge(OmegaConf.to_container(cfg.pipeline.set, resolve=True), overlay)
-        for node in mini.pipeline.stages.values():
-            if node is not None and node.get("dir"):
-                node.dir = None  # a shared stage folder of the real runs stays untouched: use <run_dir>/<stage>
-    for stage in real_stages:
-        shutil.rmtree(run_dir / stage.name, ignore_errors=True)
+    real = {
+        s.name: compose_stage(s, s.folder(real_dir), root_dir, common)
+        for s in stages_from_config(cfg.pipeline, default_wandb_group(cfg))
+    }
+    mini, said = miniature(cfg, real, run_dir, subset_root(cfg.data_root, run_dir / "data", images))
+    for name in real:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
     console.rule(f"preflight of {cfg.task_name} in {run_dir} ({images} images per split, {steps} steps)")
     meter = StageMeter()
     manifests = run(mini, probe=meter)
 
-    stages = stages_from_config(mini.pipeline, default_wandb_group(mini))
     first_data = next((c.data for c in real.values() if "data" in c), None)
     sizes = split_sizes(cfg.data_root, list(first_data.classes) if first_data is not None else None)
     rows = []
-    for stage in stages:
+    for stage in stages_from_config(mini.pipeline, default_wandb_group(mini)):
         mini_cfg = compose_stage(stage, stage.folder(run_dir), root_dir, common)
         steps_path = run_dir / stage.name / STEPS_FILE
-        timer = OmegaConf.to_container(OmegaConf.load(steps_path)) if steps_path.is_file() else None
+        timer = json.loads(steps_path.read_text()) if steps_path.is_file() else None
         wall = float(manifests[stage.name]["wall_s"])
         measured, seconds = estimate(stage, real[stage.name], mini_cfg, wall, timer, sizes)
         rows.append(
