@@ -79,8 +79,9 @@ class StepTimer(L.Callback):
             "param_dtype": _dtype_name(next(pl_module.parameters()).dtype),
             "clip_dtype": clip[0] if clip else None,
         }
-        conv = next(m for m in pl_module.modules() if isinstance(m, torch.nn.Conv2d))
-        self._hook = conv.register_forward_hook(self._record_compute_dtype)
+        conv = next((m for m in pl_module.modules() if isinstance(m, torch.nn.Conv2d)), None)
+        if conv is not None:
+            self._hook = conv.register_forward_hook(self._record_compute_dtype)
 
     def _record_compute_dtype(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
         self.info["compute_dtype"] = _dtype_name(output.dtype)
@@ -270,7 +271,9 @@ def precision_text(stage_cfg: DictConfig, steps: dict[str, Any] | None) -> str:
 
     parts = []
     if steps:
-        parts.append(f"{steps['trainer_precision']} ({steps['param_dtype']} weights, {steps['compute_dtype']} compute)")
+        parts.append(
+            f"{steps['trainer_precision']} ({steps['param_dtype']} weights, {steps.get('compute_dtype', '?')} compute)"
+        )
         if steps.get("clip_dtype"):
             cuda = resolve_precision(str(stage_cfg.clip.precision), "cuda")
             parts.append(f"CLIP {steps['clip_dtype']} (clip.precision={stage_cfg.clip.precision}; {cuda} on cuda)")
