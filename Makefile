@@ -8,7 +8,7 @@ VOC_ROOT ?= data/VOCdevkit/VOC2012
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format demo bench reproduce ablation clean
+.PHONY: help venv test lint format demo bench bench-gpu preflight reproduce ablation clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,7 +39,13 @@ demo: $(STAMP) ## end-to-end pipeline on the embedded offline toy world
 	$(BIN)/clims-demo $(ARGS)
 
 bench: $(STAMP) ## speed/memory benchmarks, JSON lines on stdout
-	@for b in benchmarks/bench_*.py; do echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
+	@for b in benchmarks/bench_*.py; do [ $$b = benchmarks/bench_gpu.py ] && continue; echo "# $$b" >&2; $(BIN)/python $$b || exit 1; done
+
+bench-gpu: $(STAMP) ## the reference-size GPU benchmarks (CLIMS step, CAM inference, random walk), <= 5 min
+	$(BIN)/python benchmarks/bench_gpu.py $(ARGS)
+
+preflight: $(STAMP) ## paper_voc in miniature before the real run: time/memory/precision per stage (VOC_ROOT=...)
+	$(BIN)/clims-reproduce experiment=paper_voc preflight=true data_root=$(VOC_ROOT) $(ARGS)
 
 reproduce: $(STAMP) ## the paper table on PASCAL VOC 2012 (VOC_ROOT=...)
 	$(BIN)/clims-reproduce experiment=paper_voc data_root=$(VOC_ROOT) $(ARGS)

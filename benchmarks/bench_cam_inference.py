@@ -8,6 +8,7 @@
   Target: < 20 s for 1,464 maps of 500×375 and 20 thresholds.
 
     python benchmarks/bench_cam_inference.py --images 20 --backbone resnet50 --threads 2
+    python benchmarks/bench_cam_inference.py --device cuda --images 100 --workers 4 --skip eval
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ def bench_inference(args: argparse.Namespace, tmp: Path) -> None:
     for row in labels:  # 1–3 classes per image (VOC averages 1.5)
         row[rng.choice(20, size=int(rng.integers(1, 4)), replace=False)] = 1.0
     dataset = MultiScaleDataset(tmp / "voc", ids, labels, SCALES)
-    net = CAMNet(args.backbone, num_classes=20, pretrained=False).eval()
-    common = {"images": len(ids), "backbone": args.backbone, "threads": torch.get_num_threads()}
+    device = torch.device(args.device)
+    net = CAMNet(args.backbone, num_classes=20, pretrained=False).eval().to(device)
+    common = {"images": len(ids), "backbone": args.backbone, "threads": torch.get_num_threads(), "device": args.device}
     common["size"] = [args.height, args.width]
 
-    inputs = [dataset[i]["images"] for i in range(len(ids))]
+    inputs = [[pair.to(device) for pair in dataset[i]["images"]] for i in range(len(ids))]
     with torch.inference_mode():
         for pair in inputs[0]:  # warm-up: allocator and kernels at every scale
             net(pair)
@@ -65,7 +67,7 @@ def bench_inference(args: argparse.Namespace, tmp: Path) -> None:
 
     trainer = {
         "_target_": "lightning.pytorch.Trainer",
-        "accelerator": "cpu",
+        "accelerator": "gpu" if device.type == "cuda" else "cpu",
         "devices": 1,
         "enable_progress_bar": False,
         "enable_model_summary": False,
@@ -89,11 +91,14 @@ def bench_inference(args: argparse.Namespace, tmp: Path) -> None:
 
 def _time_forwards(net: torch.nn.Module, inputs: list[list[torch.Tensor]]) -> float:
     """Seconds for the backbone forwards alone: one (2, 3, h_s, w_s) batch per scale per image."""
+    sync = torch.cuda.synchronize if inputs[0][0].is_cuda else (lambda: None)
+    sync()
     start = time.perf_counter()
     with torch.inference_mode():
         for pairs in inputs:
             for pair in pairs:
                 net(pair)
+    sync()
     return time.perf_counter() - start
 
 
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--thresholds", type=int, default=20, help="thresholds in the sweep (default 20)")
     parser.add_argument("--skip", choices=["inference", "eval"], action="append", default=[], help="skip a part")
     parser.add_argument("--tmp", default=None, help="scratch folder (default: a system temp dir)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (inference part; eval is CPU work)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

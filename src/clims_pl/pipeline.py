@@ -30,8 +30,8 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,8 @@ from clims_pl.runtime import prepare_run
 
 MANIFEST = "manifest.json"
 console = Console()
+#: Wraps each stage that runs (not a skipped one), e.g. to measure it (clims_pl.preflight).
+StageProbe = Callable[["Stage", DictConfig], AbstractContextManager[Any]]
 
 
 @dataclass(frozen=True)
@@ -247,8 +249,9 @@ def run_pipeline(
     common: Iterable[str] = (),
     from_stage: str | None = None,
     only: list[str] | None = None,
+    probe: StageProbe | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run (or skip) every stage in order; return each stage's manifest."""
+    """Run (or skip) every stage in order; return each stage's manifest. ``probe`` wraps every stage that runs."""
     forced = plan(stages, from_stage, only)
     manifests: dict[str, dict[str, Any]] = {}
     for stage in stages:
@@ -257,7 +260,7 @@ def run_pipeline(
             raise ValueError(f"stage {stage.name!r} runs after {missing}, which must come earlier in the stage list")
         stage_dir = stage.folder(run_dir)
         with shared_stage_lock(stage, stage_dir):
-            manifests[stage.name] = _run_or_skip(stage, stage_dir, root_dir, common, manifests, forced, only)
+            manifests[stage.name] = _run_or_skip(stage, stage_dir, root_dir, common, manifests, forced, only, probe)
     return manifests
 
 
@@ -285,6 +288,7 @@ def _run_or_skip(
     manifests: dict[str, dict[str, Any]],
     forced: set[str],
     only: list[str] | None,
+    probe: StageProbe | None = None,
 ) -> dict[str, Any]:
     cfg = compose_stage(stage, stage_dir, root_dir, common)
     cfg_hash = config_hash(cfg)
@@ -315,7 +319,8 @@ def _run_or_skip(
     start = time.perf_counter()
     module_name, func_name = stage.target.split(":")
     try:
-        result = getattr(importlib.import_module(module_name), func_name)(cfg)
+        with probe(stage, cfg) if probe else nullcontext():
+            result = getattr(importlib.import_module(module_name), func_name)(cfg)
     finally:
         finish_wandb_run()
     manifest = {
@@ -368,8 +373,13 @@ def _jsonable(result: Any) -> dict[str, Any]:
     return json.loads(json.dumps(result, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """Entry of ``clims-reproduce`` / ``clims-demo``: the stages of ``cfg.pipeline`` in ``cfg.run_dir``."""
+def run(cfg: DictConfig, probe: StageProbe | None = None) -> dict[str, dict[str, Any]]:
+    """Entry of ``clims-reproduce`` / ``clims-demo``: the stages of ``cfg.pipeline`` in ``cfg.run_dir``
+    (``preflight=true``: the same stages in miniature, see clims_pl.preflight)."""
+    if cfg.get("preflight"):
+        from clims_pl.preflight import run_preflight
+
+        return run_preflight(cfg)
     prepare_run(cfg)
     p = cfg.pipeline
     stages = stages_from_config(p, default_wandb_group(cfg))
@@ -387,4 +397,5 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         common=[str(o) for o in p.get("common") or ()],
         from_stage=p.get("from_stage"),
         only=only,
+        probe=probe,
     )

@@ -96,8 +96,8 @@ class ClipEvaluator(nn.Module):
             raise ValueError(f"clip.model={model!r}: unknown open_clip architecture (see open_clip.list_models())")
         if normalize not in ("reference", "clip"):
             raise ValueError(f"clip.normalize must be 'reference' or 'clip', got {normalize!r}")
-        self.precision = _resolve_precision(precision)
-        self.dtype = _DTYPES[self.precision]
+        self.precision = resolve_precision(precision)
+        self.dtype = clip_dtype(self.precision)
         self.model_name = model
         weights = _resolve_pretrained(model, pretrained, cache_dir)
         try:  # open_clip reads the file with torch.load(weights_only=True)
@@ -229,12 +229,23 @@ def register_tiny_configs() -> None:
             open_clip.add_model_config(path)
 
 
-def _resolve_precision(precision: str) -> str:
+def resolve_precision(precision: str, device_type: str | None = None) -> str:
+    """The precision an evaluator built for ``device_type`` (default: cuda if available, else cpu) runs CLIP in.
+
+    A function of its own so that the CUDA choice (fp16 for ``auto``) is checkable, and printable by the
+    preflight, on a machine without a GPU.
+    """
     if precision == "auto":
-        return "fp16" if torch.cuda.is_available() else "fp32"
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        return "fp16" if device_type == "cuda" else "fp32"
     if precision not in _DTYPES:
         raise ValueError(f"clip.precision must be one of auto, fp32, fp16, bf16; got {precision!r}")
     return precision
+
+
+def clip_dtype(precision: str, device_type: str | None = None) -> torch.dtype:
+    """torch dtype of CLIP's weights and image inputs for ``precision`` on ``device_type`` (see resolve_precision)."""
+    return _DTYPES[resolve_precision(precision, device_type)]
 
 
 def _pixel_affine(normalize: str, model: str, pretrained: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +282,7 @@ def _resolve_pretrained(model: str, pretrained: str | None, cache_dir: str | Non
             f"quick_gelu={tag.get('quick_gelu', False)} but the architecture uses quick_gelu={model_gelu}; "
             f"use clip.model={fix}"
         )
-    cached = _cached_hub_file(tag, cache_dir)
+    cached = cached_hub_file(tag, cache_dir)
     if cached:
         return cached
     message = (
@@ -288,7 +299,7 @@ def _resolve_pretrained(model: str, pretrained: str | None, cache_dir: str | Non
         raise RuntimeError(message) from err
 
 
-def _cached_hub_file(tag: dict, cache_dir: str | None) -> str | None:
+def cached_hub_file(tag: dict, cache_dir: str | None) -> str | None:
     """Path of the tag's weights in the HF hub cache (safetensors or bin, as open_clip names them), else None."""
     from huggingface_hub import try_to_load_from_cache
 
