@@ -59,7 +59,9 @@ def display_names(classes: Sequence[str], prompts: str | os.PathLike | None = No
     return ["background", *(bank.text_name(c) for c in classes)]
 
 
-def _ground_truth(gt_root: str | os.PathLike, image_id: str) -> np.ndarray:
+def ground_truth(gt_root: str | os.PathLike, image_id: str) -> np.ndarray:
+    """VOC ``SegmentationClass`` mask of ``image_id``; the one reader every evaluation and diagnostic uses, so a
+    missing mask always gives the same one-line error (which split to evaluate instead)."""
     from clims_pl.data.voc import load_mask
 
     try:
@@ -97,7 +99,7 @@ def evaluate_cams(
     def image_histogram(image_id: str) -> np.ndarray:
         cams = load_cam(Path(cam_dir) / f"{image_id}.npz")
         try:
-            return sweep_histogram(cams["high_res"], cams["keys"], _ground_truth(gt_root, image_id), grid, num_classes)
+            return sweep_histogram(cams["high_res"], cams["keys"], ground_truth(gt_root, image_id), grid, num_classes)
         except ValueError as err:
             raise ValueError(f"{image_id}: {err}") from err
 
@@ -148,7 +150,7 @@ def evaluate_label_dir(
         pred = read_label_png(Path(label_dir) / f"{image_id}.png").copy()
         pred[pred == 255] = 0
         try:
-            conf += pair_confusion(pred, _ground_truth(gt_root, image_id), num_classes)
+            conf += pair_confusion(pred, ground_truth(gt_root, image_id), num_classes)
         except ValueError as err:
             raise ValueError(f"{Path(label_dir) / image_id}.png: {err}") from err
     return {

@@ -27,7 +27,7 @@ from PIL import Image
 
 from clims_pl.cams import load_cam
 from clims_pl.data.transforms import pil_resize
-from clims_pl.evaluate import _ground_truth, read_label_png
+from clims_pl.evaluate import ground_truth, read_label_png
 from clims_pl.io import atomic_save_npz, atomic_write_json, atomic_write_text
 from clims_pl.metrics import (
     boundary_cells,
@@ -66,7 +66,7 @@ def ir_label_diagnostics(
     for image_id in ids:
         path = Path(label_dir) / f"{image_id}.png"
         try:
-            conf += confident_confusion(read_label_png(path), _ground_truth(gt_root, image_id), len(names))
+            conf += confident_confusion(read_label_png(path), ground_truth(gt_root, image_id), len(names))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
     return {"num_images": len(ids), **summarise_confident(conf, names), "confusion": conf.tolist()}
@@ -128,7 +128,7 @@ def pseudo_diagnostics(
     for image_id in ids:
         diag = load_diag(Path(diag_dir) / f"{image_id}.npz")
         diag["cam"] = load_cam(Path(cam_dir) / f"{image_id}.npz")["cam"]
-        gt = _ground_truth(gt_root, image_id)
+        gt = ground_truth(gt_root, image_id)
         for variant, key in variants.items():
             label = walk_to_label(torch.from_numpy(diag[key].astype(np.float32)), diag["keys"], gt.shape, bg_threshold)
             confs[variant] += pair_confusion(label, gt, num)

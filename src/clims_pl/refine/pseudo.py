@@ -26,7 +26,7 @@ from clims_pl.cams import load_cam
 from clims_pl.data.segmentation import to_tensor
 from clims_pl.data.transforms import imagenet_normalize
 from clims_pl.data.voc import load_image, read_split, save_label_png
-from clims_pl.evaluate import _ground_truth, display_names, evaluate_label_dir, instantiate_loggers, metrics_markdown
+from clims_pl.evaluate import display_names, evaluate_label_dir, ground_truth, instantiate_loggers, metrics_markdown
 from clims_pl.models.checkpoint import load_net
 from clims_pl.models.irn import IRNet
 from clims_pl.provenance import claim, identity
@@ -138,7 +138,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 label = walk_to_label(walked, item["keys"], pair.shape[-2:], float(stage.bg_threshold))
                 save_label_png(out_dir / f"{image_id}.png", label)
             if image_id in diag_todo:
-                walks = diagnostic_walks(item["cam"], edge, _ground_truth(root, image_id), **walk)
+                walks = diagnostic_walks(item["cam"], edge, ground_truth(root, image_id), **walk)
                 save_diag(Path(stage.diag_dir) / f"{image_id}.npz", item["keys"], edge, {"walked": walked, **walks})
     labelled = time.time() - start
     log.info("pseudo: wrote %d of %d labels in %.1f s -> %s", len(todo), len(ids), labelled, out_dir)
