@@ -14,9 +14,25 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-#: ``conf/`` at the repository root (src layout, editable install). ``CLIMS_CONF_DIR`` overrides it for
-#: installs that keep the configs elsewhere.
-CONF_DIR = Path(os.environ.get("CLIMS_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+
+def _conf_dir() -> Path:
+    """``CLIMS_CONF_DIR`` if set, else the configs shipped with the package.
+
+    ``clims_pl/conf`` is a link to the repository's top-level ``conf/`` in a checkout (editable install, PYTHONPATH)
+    and a copy of it in a wheel (package data), so every install finds its configs at the same place.
+    """
+    chosen = os.environ.get("CLIMS_CONF_DIR")
+    if not chosen:
+        return Path(__file__).resolve().parent / "conf"
+    if not (Path(chosen) / "train.yaml").is_file():
+        raise FileNotFoundError(
+            f"CLIMS_CONF_DIR={chosen}: no train.yaml there; point it at a copy of clims-pl's conf/ folder or unset it"
+        )
+    return Path(chosen)
+
+
+#: The Hydra config folder every entry point and the pipeline compose from.
+CONF_DIR = _conf_dir()
 
 
 def _register() -> None:
