@@ -4,15 +4,20 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-VOC_ROOT ?= data/VOCdevkit/VOC2012
+# data.root=DIR: the dataset folder, the same key and spelling as on every command (`clims-reproduce data.root=DIR`);
+# unset, the commands use conf/reproduce.yaml's data.root (data/VOCdevkit/VOC2012 under the launch directory).
 ARGS ?=
+DATA_OVERRIDE = $(if $(data.root),data.root=$(data.root))
+ifeq ($(origin VOC_ROOT),command line)
+$(error VOC_ROOT is now data.root, as on every command: make $(MAKECMDGOALS) data.root=$(VOC_ROOT))
+endif
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test lint format demo bench bench-gpu preflight reproduce ablation clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: VOC_ROOT=$(VOC_ROOT) ARGS='extra hydra overrides'"
+	@echo "  variables: data.root=DIR (the dataset folder) ARGS='extra hydra overrides'"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,14 +49,14 @@ bench: $(STAMP) ## speed/memory benchmarks, JSON lines on stdout
 bench-gpu: $(STAMP) ## the reference-size GPU benchmarks (CLIMS step, CAM inference, random walk), <= 5 min
 	$(BIN)/python benchmarks/bench_gpu.py $(ARGS)
 
-preflight: $(STAMP) ## paper_voc in miniature before the real run: time/memory/precision per stage (VOC_ROOT=...)
-	$(BIN)/clims-reproduce experiment=paper_voc preflight=true data_root=$(VOC_ROOT) $(ARGS)
+preflight: $(STAMP) ## paper_voc in miniature before the real run: time/memory/precision per stage (data.root=DIR)
+	$(BIN)/clims-reproduce experiment=paper_voc preflight=true $(DATA_OVERRIDE) $(ARGS)
 
-reproduce: $(STAMP) ## the paper table on PASCAL VOC 2012 (VOC_ROOT=...)
-	$(BIN)/clims-reproduce experiment=paper_voc data_root=$(VOC_ROOT) $(ARGS)
+reproduce: $(STAMP) ## the paper table on PASCAL VOC 2012 (data.root=DIR)
+	$(BIN)/clims-reproduce experiment=paper_voc $(DATA_OVERRIDE) $(ARGS)
 
-ablation: $(STAMP) ## loss on/off and weight sweeps on VOC (VOC_ROOT=...)
-	$(BIN)/clims-reproduce -m experiment=ablation_losses data_root=$(VOC_ROOT) $(ARGS)
+ablation: $(STAMP) ## loss on/off and weight sweeps on VOC (data.root=DIR)
+	$(BIN)/clims-reproduce -m experiment=ablation_losses $(DATA_OVERRIDE) $(ARGS)
 
 clean: ## remove the venv and generated outputs
 	rm -rf $(VENV) outputs multirun runs .pytest_cache .ruff_cache

@@ -6,8 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from clims_pl.ablation import aggregate, find_jobs, main, wandb_target
 from clims_pl.config import CONF_DIR
 from clims_pl.pipeline import compose_stage, stages_from_config
 
-REPO = CONF_DIR.parent
+REPO = Path(__file__).resolve().parents[1]
 PAPER_ORDER = ["otm", "otm_btm", "otm_btm_reg", "otm_btm_reg_cbs"]
 
 
@@ -112,17 +112,18 @@ def test_wandb_table_offline(tmp_path: Path) -> None:
     assert table["data"][2][table["columns"].index("miou_best")] is None
 
 
-def _makefile_args(target: str) -> list[str]:
-    """The clims-reproduce arguments of a Makefile target, with $(VOC_ROOT) and $(ARGS) filled in."""
-    text = (REPO / "Makefile").read_text()
-    recipe = re.search(rf"^{target}:.*\n\t(.+)$", text, re.M).group(1)
-    words = shlex.split(recipe.replace("$(VOC_ROOT)", "/data/VOC2012").replace("$(ARGS)", ""))
-    return words[words.index("$(BIN)/clims-reproduce") + 1 :]
+def _makefile_args(*make_args: str) -> list[str]:
+    """The clims-reproduce arguments of ``make <make_args>``, as make expands them (``make -n``: printed, not run)."""
+    printed = subprocess.run(
+        ["make", "-n", "-C", str(REPO), "BIN=bin", "STAMP=", *make_args], capture_output=True, text=True, check=True
+    ).stdout
+    words = shlex.split(next(line for line in printed.splitlines() if "clims-reproduce" in line))
+    return words[words.index("bin/clims-reproduce") + 1 :]
 
 
 def test_make_ablation_composes(tmp_path: Path) -> None:
-    """`make ablation` = the 4 loss variants in the paper's order, each job's stages reading data_root."""
-    args = _makefile_args("ablation")
+    """`make ablation data.root=...` = the 4 loss variants in the paper's order, each job's stages reading data.root."""
+    args = _makefile_args("ablation", "data.root=/data/VOC2012")
     assert args[0] == "-m"
     base = [*args[1:], f"paths.root_dir={tmp_path}", f"run_dir={tmp_path}/job"]
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):

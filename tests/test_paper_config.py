@@ -181,7 +181,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
 @pytest.fixture(scope="module")
 def paper_stages(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, dict[str, DictConfig]]:
     root = tmp_path_factory.mktemp("paper")
-    cfg = compose_config("reproduce", root, ["experiment=paper_voc", f"data_root={VOC}"])
+    cfg = compose_config("reproduce", root, ["experiment=paper_voc", f"data.root={VOC}"])
     run_dir = Path(cfg.run_dir)
     stages = stages_from_config(cfg.pipeline)
     return cfg, {s.name: compose_stage(s, s.folder(run_dir), root, []) for s in stages}
@@ -208,7 +208,7 @@ def test_reference_numbers(stage: str, paper_stages: tuple[DictConfig, dict[str,
             wrong[key] = (got, want)
     assert not wrong, f"{stage}: (composed, reference) {wrong}"
     if "data" in composed:
-        assert composed.data.root == VOC  # data_root feeds every stage
+        assert composed.data.root == VOC  # the pipeline's data.root feeds every stage
 
 
 def test_report_rows_point_at_reference_metrics(paper_stages: tuple[DictConfig, dict[str, DictConfig]]) -> None:
@@ -233,7 +233,7 @@ def test_report_rows_point_at_reference_metrics(paper_stages: tuple[DictConfig, 
 def test_deeplab_init_selects_the_caffe_trunk(tmp_path: Path) -> None:
     """§11.3: given the reference's init file, seg trains and seg_eval evaluates the Caffe trunk on BGR input."""
     init = "/weights/deeplabv1_resnet101-imagenet.pth"
-    cfg = compose_config("reproduce", tmp_path, ["experiment=paper_voc", f"data_root={VOC}", f"deeplab_init={init}"])
+    cfg = compose_config("reproduce", tmp_path, ["experiment=paper_voc", f"data.root={VOC}", f"deeplab_init={init}"])
     stages = {s.name: s for s in stages_from_config(cfg.pipeline)}
     run_dir = Path(cfg.run_dir)
     seg = compose_stage(stages["seg"], stages["seg"].folder(run_dir), tmp_path, [])

@@ -93,7 +93,7 @@ def test_weights_are_used_when_on_disk_and_random_otherwise(compose_cfg, monkeyp
 
 @pytest.mark.slow
 def test_paper_voc_preflight_end_to_end(voc_root: Path, tmp_path: Path) -> None:
-    args = ["experiment=paper_voc", f"data_root={voc_root}", "preflight=true", "preflight_images=4"]
+    args = ["experiment=paper_voc", f"data.root={voc_root}", "preflight=true", "preflight_images=4"]
     cfg = compose_config("reproduce", tmp_path, [*args, "preflight_weights=random"])
     with open_dict(cfg):
         cfg.pipeline.set = OmegaConf.merge(OmegaConf.to_container(cfg.pipeline.set), CPU_SIZES)
@@ -139,14 +139,14 @@ def test_paper_voc_preflight_end_to_end(voc_root: Path, tmp_path: Path) -> None:
     assert "| **total** |" in (out / "preflight.md").read_text()
 
     # No preflight manifest can stand in for a real stage: every stage config differs (data root, run folder).
-    real = compose_config("reproduce", tmp_path, ["experiment=paper_voc", f"data_root={voc_root}"])
+    real = compose_config("reproduce", tmp_path, ["experiment=paper_voc", f"data.root={voc_root}"])
     for stage in stages_from_config(real.pipeline):
         composed = compose_stage(stage, Path(real.run_dir) / stage.name, tmp_path, [])
         assert config_hash(composed) != manifests[stage.name]["config_hash"], stage.name
 
 
 def test_preflight_refuses_bad_settings(voc_root: Path, tmp_path: Path) -> None:
-    base = ["experiment=paper_voc", f"data_root={voc_root}", "preflight=true"]
+    base = ["experiment=paper_voc", f"data.root={voc_root}", "preflight=true"]
     with pytest.raises(ValueError, match="preflight_weights=none: pick one of auto, pretrained, random"):
         run(compose_config("reproduce", tmp_path, [*base, "preflight_weights=none"]))
     with pytest.raises(ValueError, match="drop --from/--only"):

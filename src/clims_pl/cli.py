@@ -49,6 +49,8 @@ def _flags_to_overrides(argv: list[str]) -> list[str]:
     args = iter(argv)
     for arg in args:
         flag, _, value = arg.partition("=")
+        if flag.lstrip("+") == "data_root":  # the old spelling: Hydra would reject it, or ignore it with a `+`
+            raise SystemExit(f"{arg}: the dataset folder is data.root, as on every command: data.root={value}")
         if flag in ("--from", "--only"):
             value = value or next(args, "")
             if not value:

@@ -1,4 +1,4 @@
-"""``clims-reproduce experiment=paper_voc preflight=true data_root=...``: the real pipeline in miniature.
+"""``clims-reproduce experiment=paper_voc preflight=true data.root=...``: the real pipeline in miniature.
 
 Every stage of the experiment runs with its real config (architectures, precisions, hand-offs) on the first
 ``preflight_images`` ids of train (which is also the train_aug subset) and of val, each training stage for
@@ -6,7 +6,7 @@ Every stage of the experiment runs with its real config (architectures, precisio
 after hours of stages 1-6. What changes is an overlay of ``pipeline.set`` overrides (step count, batch size capped
 at the images there are, validation once at the end, a step timer, weights) plus two paths:
 
-* the data: a VOC-layout folder of symlinks to those ids (``<preflight dir>/data/...``), given as ``data_root``;
+* the data: a VOC-layout folder of symlinks to those ids (``<preflight dir>/data/...``), given as ``data.root``;
 * the run: ``<run_dir>_preflight``, wiped and rerun in full each time. Its stage configs name that data root and
   run folder, so their config hashes differ from the real run's and no real stage can ever be skipped because a
   preflight finished it.
@@ -42,7 +42,7 @@ from clims_pl.data.voc import VOC_CLASSES, read_split, validate_voc_root
 from clims_pl.io import atomic_write_json, atomic_write_text
 from clims_pl.pipeline import Stage, compose_stage, console, default_wandb_group, run, stages_from_config
 
-#: Real VOC2012 + SBD split sizes (reference §1.1): what the estimates use when ``data_root`` holds fewer images.
+#: Real VOC2012 + SBD split sizes (reference §1.1): what the estimates use when ``data.root`` holds fewer images.
 VOC_SPLIT_SIZES = {"train_aug": 10_582, "train": 1_464, "val": 1_449}
 #: Per-batch times a training stage's StepTimer writes into its stage folder.
 STEPS_FILE = "preflight_steps.json"
@@ -161,13 +161,13 @@ def subset_root(source: str | Path, parent: Path, images: int) -> Path:
 
     Its train_aug (SegmentationClassAug ∪ train − val) is then exactly those train ids, so train ⊂ train_aug as on
     VOC, and every stage reads its splits unchanged. The folder name hashes the source and the chosen ids: another
-    root, count or split list gives another ``data_root``, hence other stage configs; older folders are removed.
+    root, count or split list gives another ``data.root``, hence other stage configs; older folders are removed.
     """
     source = validate_voc_root(source, need_aug=True).resolve()
     ids = {split: read_split(source, split)[:images] for split in ("train", "val")}
     empty = [split for split, chosen in ids.items() if not chosen]
     if empty:
-        raise ValueError(f"data_root={source}: split(s) {empty} list no image; the preflight needs train and val")
+        raise ValueError(f"data.root={source}: split(s) {empty} list no image; the preflight needs train and val")
     key = hashlib.sha256(json.dumps([str(source), ids]).encode()).hexdigest()[:8]
     dest = parent / f"voc_{images}_{key}"
     if dest.is_dir():
@@ -384,7 +384,7 @@ def miniature(
     with open_dict(mini):
         mini.preflight = False
         mini.run_dir = str(run_dir)
-        mini.data_root = str(data_root)
+        mini.data.root = str(data_root)
         # pipeline.set describes the real run (the overlay was computed from it); the overlay comes last.
         mini.pipeline.set = OmegaConf.merge(OmegaConf.to_container(cfg.pipeline.set, resolve=True), overlay)
         for node in mini.pipeline.stages.values():
@@ -409,7 +409,7 @@ def run_preflight(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         s.name: compose_stage(s, s.folder(real_dir), root_dir, common)
         for s in stages_from_config(cfg.pipeline, default_wandb_group(cfg))
     }
-    mini, said = miniature(cfg, real, run_dir, subset_root(cfg.data_root, run_dir / "data", images))
+    mini, said = miniature(cfg, real, run_dir, subset_root(cfg.data.root, run_dir / "data", images))
     for name in real:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
@@ -418,7 +418,7 @@ def run_preflight(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     manifests = run(mini, probe=meter)
 
     first_data = next((c.data for c in real.values() if "data" in c), None)
-    sizes = split_sizes(cfg.data_root, list(first_data.classes) if first_data is not None else None)
+    sizes = split_sizes(cfg.data.root, list(first_data.classes) if first_data is not None else None)
     rows = []
     for stage in stages_from_config(mini.pipeline, default_wandb_group(mini)):
         mini_cfg = compose_stage(stage, stage.folder(run_dir), root_dir, common)
@@ -443,7 +443,7 @@ def run_preflight(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         "steps": steps,
         "weights": mode,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (trainer.accelerator=cpu)",
-        "data_root": str(cfg.data_root),
+        "data_root": str(cfg.data.root),
         "split_sizes": sizes,
         "torch": torch.__version__,
     }
