@@ -147,10 +147,12 @@ def test_existing_root_is_reused_or_refused(world: Path, tmp_path: Path) -> None
     stamp = (world / "toy.json").stat().st_mtime_ns
     assert generate_toy(world, seed=0, progress=False, **SMALL) == world
     assert (world / "toy.json").stat().st_mtime_ns == stamp  # same parameters: left alone
-    with pytest.raises(ToyError, match=r"was generated with .*'seed': 0.*delete"):
+    with pytest.raises(
+        ToyError, match=r"was generated with .*'seed': 0.*delete.*point data\.root \(or --root\) elsewhere"
+    ):
         generate_toy(world, seed=1, progress=False, **SMALL)
     (tmp_path / "other").mkdir()
-    with pytest.raises(ToyError, match=r"no toy\.json"):
+    with pytest.raises(ToyError, match=r"no toy\.json: .*point data\.root \(or --root\) elsewhere"):
         generate_toy(tmp_path / "other", progress=False, **SMALL)
     with pytest.raises(ToyError, match="n_train <= n_train_aug"):
         toy.toy_params(n_train=50, n_train_aug=10)

@@ -595,11 +595,13 @@ def generate_toy(
 def _check_existing(root: Path, params: dict[str, int]) -> None:
     meta = read_toy_meta(root)
     if meta is None:
-        raise ToyError(f"{root} exists but has no toy.json: it is not a toy world; choose another root or delete it")
+        raise ToyError(
+            f"{root} exists but has no toy.json: it is not a toy world; point data.root (or --root) elsewhere or delete it"
+        )
     if meta["params"] != params:
         raise ToyError(
             f"{root}/toy.json was generated with {meta['params']}, not {params}: delete {root}, "
-            "pick another root, or regenerate with `clims-data toy --root ... --force`"
+            "point data.root (or --root) elsewhere, or regenerate with `clims-data toy --root ... --force`"
         )
 
 
