@@ -5,24 +5,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VOC_ROOT ?= data/VOCdevkit/VOC2012
+COCO_ROOT ?= data/coco
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format demo bench bench-gpu preflight reproduce ablation clean
+.PHONY: help venv test lint format demo bench bench-gpu preflight reproduce reproduce-coco ablation clean
 
 help: ## list the targets
-	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: VOC_ROOT=$(VOC_ROOT) ARGS='extra hydra overrides'"
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+	@echo "  variables: VOC_ROOT=$(VOC_ROOT) COCO_ROOT=$(COCO_ROOT) ARGS='extra hydra overrides'"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: these wheels are the ones that import together on the project's machines.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,coco]'
 	@touch $(STAMP)
 
-venv: $(STAMP) ## create .venv and install clims-pl with dev extras
+venv: $(STAMP) ## create .venv and install clims-pl with the dev and coco extras
 
 test: $(STAMP) ## run the test suite (CPU, tiny configs)
 	$(BIN)/python -m pytest -q
@@ -49,6 +50,9 @@ preflight: $(STAMP) ## paper_voc in miniature before the real run: time/memory/p
 
 reproduce: $(STAMP) ## the paper table on PASCAL VOC 2012 (VOC_ROOT=...)
 	$(BIN)/clims-reproduce experiment=paper_voc data_root=$(VOC_ROOT) $(ARGS)
+
+reproduce-coco: $(STAMP) ## the reference's MS-COCO 2014 pipeline (COCO_ROOT=..., masks from `clims-data coco-masks`)
+	$(BIN)/clims-reproduce experiment=paper_coco data_root=$(COCO_ROOT) $(ARGS)
 
 ablation: $(STAMP) ## loss on/off and weight sweeps on VOC (VOC_ROOT=...)
 	$(BIN)/clims-reproduce -m experiment=ablation_losses data_root=$(VOC_ROOT) $(ARGS)
