@@ -14,6 +14,7 @@ import pytest
 from conftest import compose_config
 from pycocotools import mask as mask_utils
 
+from clims_pl import evaluate
 from clims_pl.data import coco
 from clims_pl.data.cli import main as data_main
 from clims_pl.data.toy import TOY_CLASSES
@@ -130,6 +131,11 @@ def test_labels_ids_and_cache(world: tuple[Path, dict], tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("coco-labels-*.npz"))) == 2
     again = coco.coco_labels(root, "train2014", coco.COCO_CLASSES, tmp_path)
     assert again[0] == ids and np.array_equal(again[1], labels)
+    batch = next(iter(coco.COCODataModule(
+        root, coco.COCO_CLASSES, prompts="coco", train_split="train2014", batch_size=2, num_workers=0, crop_size=32,
+        resize_long=[32, 48],
+    ).train_dataloader()))  # fmt: skip
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["label"].shape == (2, 80)
     item = dm.predict_dataset()[0]
     assert item["id"] == ids[0] and len(item["images"]) == 4 and item["label"].shape == (80,)
     assert dm.prompt_bank.class_prompts()[PERSON] == ["a photo of player."]
@@ -205,6 +211,15 @@ def test_cam_evaluation_over_81_classes(world: tuple[Path, dict], tmp_path: Path
         (len(present) - 2 + (total - lost) / total + background / (background + lost)) / len(present)
     )
     assert sum(v is not None for v in result["iou"].values()) == len(present)  # absent classes: NaN, not 0
+    # The clims-eval stage with data=coco reaches the same numbers (split ids from the instances file).
+    cfg = compose_config(
+        "eval", tmp_path, ["data=coco", f"data.root={root}", f"eval.cam_dir={tmp_path}", "eval.split=train2014:4"]
+    )
+    staged = evaluate.run(cfg)
+    assert staged["num_images"] == 4 and (tmp_path / "run" / "metrics" / "cams.json").is_file()
+    assert staged["iou"]["background"] == pytest.approx(
+        evaluate_cams(tmp_path, root, ids[:4], [0.15], 0.15, names)["iou"]["background"]
+    )
 
 
 def test_prompt_bank_has_the_reference_lists() -> None:
