@@ -254,6 +254,8 @@ def test_check_command(world: tuple[Path, dict], capsys: pytest.CaptureFixture) 
     lines = {line.split()[0]: line for line in out.splitlines()}
     assert lines["train2014"].split()[1:3] == [str(len(expected["train2014"])), "ids;"]
     assert f"{len(expected['val2014'])} ground-truth masks" in lines["val2014"] and "--deep" not in out
+    assert data_main(["check", "--deep", "--root", str(root)]) == 1  # --deep is VOC-only: a clear error, not a pass
+    assert "--deep checks VOC-layout roots only" in capsys.readouterr().err
 
 
 def test_paper_coco_pins_the_reference(tmp_path: Path) -> None:

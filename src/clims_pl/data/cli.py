@@ -39,7 +39,7 @@ from clims_pl.data.voc import (
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clims-data",
-        description="Get, generate and check the datasets of clims-pl (VOC layout).",
+        description="Get, generate and check the datasets of clims-pl (VOC layout; MS-COCO 2014 masks and checks).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )

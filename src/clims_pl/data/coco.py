@@ -137,7 +137,7 @@ def _pycocotools() -> Any:
     return COCO
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def _load_api(path: str, stamp: tuple[int, int]) -> Any:
     """The parsed instances file; ``stamp`` (size, mtime) makes a rewritten file parse again."""
     del stamp
