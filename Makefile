@@ -11,12 +11,15 @@ DATA_OVERRIDE = $(if $(data.root),data.root=$(data.root))
 ifeq ($(origin VOC_ROOT),command line)
 $(error VOC_ROOT is now data.root, as on every command: make $(MAKECMDGOALS) data.root=$(VOC_ROOT))
 endif
+ifeq ($(origin COCO_ROOT),command line)
+$(error COCO_ROOT is now data.root, as on every command: make $(MAKECMDGOALS) data.root=$(COCO_ROOT))
+endif
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format demo bench bench-gpu preflight reproduce ablation clean
+.PHONY: help venv test lint format demo bench bench-gpu preflight reproduce reproduce-coco ablation clean
 
 help: ## list the targets
-	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 	@echo "  variables: data.root=DIR (the dataset folder) ARGS='extra hydra overrides'"
 
 $(STAMP): pyproject.toml
@@ -24,10 +27,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: these wheels are the ones that import together on the project's machines.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,coco]'
 	@touch $(STAMP)
 
-venv: $(STAMP) ## create .venv and install clims-pl with dev extras
+venv: $(STAMP) ## create .venv and install clims-pl with the dev and coco extras
 
 test: $(STAMP) ## run the test suite (CPU, tiny configs)
 	$(BIN)/python -m pytest -q
@@ -54,6 +57,9 @@ preflight: $(STAMP) ## paper_voc in miniature before the real run: time/memory/p
 
 reproduce: $(STAMP) ## the paper table on PASCAL VOC 2012 (data.root=DIR)
 	$(BIN)/clims-reproduce experiment=paper_voc $(DATA_OVERRIDE) $(ARGS)
+
+reproduce-coco: $(STAMP) ## the reference's MS-COCO 2014 pipeline (data.root=DIR; masks from `clims-data coco-masks`)
+	$(BIN)/clims-reproduce experiment=paper_coco $(DATA_OVERRIDE) $(ARGS)
 
 ablation: $(STAMP) ## loss on/off and weight sweeps on VOC (data.root=DIR)
 	$(BIN)/clims-reproduce -m experiment=ablation_losses $(DATA_OVERRIDE) $(ARGS)

@@ -61,9 +61,13 @@ def display_names(classes: Sequence[str], prompts: str | os.PathLike | None = No
 
 def ground_truth(gt_root: str | os.PathLike, image_id: str) -> np.ndarray:
     """VOC ``SegmentationClass`` mask of ``image_id``; the one reader every evaluation and diagnostic uses, so a
-    missing mask always gives the same one-line error (which split to evaluate instead)."""
+    missing mask always gives the same one-line error (which split to evaluate instead). A COCO id reads
+    ``mask/<split>/<number>.png`` (``clims-data coco-masks``)."""
+    from clims_pl.data.coco import is_coco_id, load_coco_mask
     from clims_pl.data.voc import load_mask
 
+    if is_coco_id(image_id):
+        return load_coco_mask(gt_root, image_id)
     try:
         return load_mask(gt_root, image_id)
     except FileNotFoundError as err:

@@ -4,6 +4,8 @@ clims-data download voc --root data/VOCdevkit/VOC2012     # VOC2012 trainval + S
 clims-data toy --root data/toy                             # the procedural toy world (seconds, offline)
 clims-data check --root data/VOCdevkit/VOC2012             # validate a root and count its splits
 clims-data check --deep --root data/VOCdevkit/VOC2012      # ... and decode every listed image and mask
+clims-data coco-masks --root data/coco --split train2014    # COCO 2014 ground-truth PNGs (needs pycocotools)
+clims-data check --root data/coco                          # a COCO root: split sizes and label statistics
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from clims_pl.data import download, toy
+from clims_pl.data import coco, download, toy
 from clims_pl.data.voc import (
     VOC_CLASSES,
     VOC_TRAIN_AUG_SIZE,
@@ -37,7 +39,7 @@ from clims_pl.data.voc import (
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clims-data",
-        description="Get, generate and check the datasets of clims-pl (VOC layout).",
+        description="Get, generate and check the datasets of clims-pl (VOC layout; MS-COCO 2014 masks and checks).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
@@ -92,7 +94,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--root", required=True, type=Path, help="a VOC2012 or toy root")
     check.add_argument("--deep", action="store_true", help="decode every listed image and mask (minutes on VOC)")
+
+    masks = sub.add_parser(
+        "coco-masks",
+        help="write MS-COCO 2014 ground-truth masks from the instance annotations",
+        description="Write ROOT/mask/SPLIT/<image id>.png from ROOT/annotations/instances_SPLIT.json with "
+        "pycocotools: background 0, each non-crowd annotation painted with its class index 1..80 in file order. "
+        "Resumable: existing PNGs are kept.",
+    )
+    masks.add_argument("--root", required=True, type=Path, help="COCO root holding train2014/, annotations/")
+    masks.add_argument("--split", action="append", help="train2014 and/or val2014 (repeatable; default both)")
+    masks.add_argument("--threads", type=int, default=8, help="worker threads (default 8)")
     return parser
+
+
+def _coco_masks(args: argparse.Namespace) -> None:
+    for split in args.split or ["train2014", "val2014"]:
+        print(f"masks written: {coco.write_coco_masks(args.root, split, num_threads=args.threads)}")
+
+
+def _check_coco(root: Path) -> None:
+    """Split sizes and label statistics of every instances file of a COCO root, and its mask coverage."""
+    for path in sorted((root / "annotations").glob("instances_*.json")):
+        split = path.stem.removeprefix("instances_")
+        ids, labels = coco.coco_labels(root, split, coco.COCO_CLASSES, None)
+        masks = sum(coco.coco_mask_path(root, i).is_file() for i in ids)
+        per_image = labels.sum(1)
+        print(
+            f"  {split:<10} {len(ids):>6} ids; classes/image mean {per_image.mean():.3f} min {int(per_image.min())}; "
+            f"{masks} ground-truth masks" + ("" if masks == len(ids) else f" (`clims-data coco-masks --split {split}`)")
+        )
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -129,13 +160,18 @@ def _toy(args: argparse.Namespace) -> None:
 
 def _check_command(args: argparse.Namespace) -> None:
     _check(args.root, args.deep)
-    if not args.deep:
+    if not args.deep and not coco.is_coco_root(args.root):
         print("  images and masks were not opened: `clims-data check --deep` decodes every listed file")
 
 
 def _check(root: Path, deep: bool = False) -> None:
     """Print split sizes and label statistics (mean/min classes per image, images per class); with ``deep``
     first decode every listed file and raise naming all bad ones."""
+    if coco.is_coco_root(root):
+        if deep:
+            raise coco.COCORootError(f"{root}: --deep checks VOC-layout roots only; run `clims-data check` without it")
+        _check_coco(Path(root).expanduser())
+        return
     root = validate_voc_root(root)
     is_toy = toy.read_toy_meta(root) is not None
     classes = list(toy.TOY_CLASSES) if is_toy else list(VOC_CLASSES)
@@ -232,7 +268,7 @@ def _decode_or_report(path: Path, image_id: str, index: bool, found: list[str]) 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``clims-data``; errors print one line and return exit status 1."""
     args = _parser().parse_args(argv)
-    commands = {"download": _download, "toy": _toy, "check": _check_command}
+    commands = {"download": _download, "toy": _toy, "check": _check_command, "coco-masks": _coco_masks}
     try:
         commands[args.command](args)
     except (ValueError, download.DownloadError, OSError) as err:

@@ -97,8 +97,13 @@ def read_split(root: str | os.PathLike, split: str) -> list[str]:
 
     ``train``/``val``/``test`` (or any other ``ImageSets/Segmentation/<split>.txt``) are read as listed.
     ``train_aug`` is derived, not shipped: (ids having ``SegmentationClassAug/<id>.png`` ∪ train) − val, sorted;
-    on VOC2012 + SBD this gives the reference's 10,582 ids (§1.1).
+    on VOC2012 + SBD this gives the reference's 10,582 ids (§1.1). On a COCO root the split is an image folder
+    (``train2014``, ``train2014:10000``) read from its instances file (``coco.split_ids``).
     """
+    from clims_pl.data import coco
+
+    if coco.is_coco_root(root):
+        return coco.split_ids(root, split)
     root = validate_voc_root(root, need_aug=split == "train_aug")
     if split == "train_aug":
         aug = {p.stem for p in (root / _AUG).glob("*.png")}
@@ -269,7 +274,11 @@ def decode_image(path: str | os.PathLike, image_id: str, *, index: bool = False)
 
 
 def load_image(root: str | os.PathLike, image_id: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of ``JPEGImages/<id>.jpg``."""
+    """(H, W, 3) uint8 RGB of ``JPEGImages/<id>.jpg`` (a COCO id: ``<split>/<id>.jpg``, see ``data/coco.py``)."""
+    from clims_pl.data import coco
+
+    if coco.is_coco_id(image_id):
+        return coco.load_coco_image(root, image_id)
     return decode_image(Path(root) / "JPEGImages" / f"{image_id}.jpg", image_id)
 
 
