@@ -8,7 +8,7 @@ annotations): every image and its caption come from the renderer, so the teacher
 is evaluated on. The result is a plain open_clip state dict that loads through the same
 ``open_clip.create_model(name, pretrained=<file>)`` path as a real CLIP checkpoint (``conf/clip/toyclip.yaml``).
 
-**What CLIMS asks of its teacher (reference §4.2)**, hence how the pairs are made. CLIP scores
+**What CLIMS asks of its teacher (docs/reference.md#clims-training-step)**, hence how the pairs are made. CLIP scores
 ``P ⊙ img`` and ``(1 − P) ⊙ img`` (ImageNet-normalised pixels, masked pixels → 0 = the mean colour, bilinear
 align-corners resize to the CLIP input) against class prompts (OTM, BTM) and background prompts (CBS). So the
 teacher is trained on exactly such inputs: each image goes through the CLIMS training augmentation
@@ -254,9 +254,9 @@ def random_maps(regions: torch.Tensor, masks: Mapping[str, float], gen: torch.Ge
 
 
 def to_clip_size(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Align-corners bilinear resize, no antialiasing: what ClipEvaluator does to images and maps (§4.2 step 4).
+    """Align-corners bilinear resize, no antialiasing: what ClipEvaluator does to images and maps (docs/reference.md#clims-training-step, step 4).
 
-    The teacher input is ``to_clip_size(map) * to_clip_size(image)`` (normalize=reference, §4.2 step 5).
+    The teacher input is ``to_clip_size(map) * to_clip_size(image)`` (normalize=reference, docs/reference.md#clims-training-step, step 5).
     """
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
 
