@@ -1,4 +1,4 @@
-"""Sparse random walk vs the reference's dense n×n squaring (quirk Q16), as one JSON line on stdout.
+"""Sparse random walk vs the reference's dense n×n squaring (quirk docs/reference.md#q16-dense-random-walk), as one JSON line on stdout.
 
 A seeded synthetic scene on the stride-4 grid of a 500×375 VOC image (94×125 = 11,750 nodes): K blob-shaped
 CAMs (smooth falloff + noise) and a boundary map that is high on the blob outlines and low elsewhere. Both
@@ -67,7 +67,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     height, width = (int(v) for v in args.size.lower().split("x"))
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 as the reference intends (Q11)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 as the reference intends (docs/reference.md#q11-tf32)
     cams, edge = synthetic_scene(height, width, args.k, args.seed)
     cams, edge = cams.to(device), edge.to(device)
     keys = np.arange(args.k)

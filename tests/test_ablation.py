@@ -269,7 +269,7 @@ def test_submitit_launcher_config_composes_without_the_plugin(tmp_path: Path) ->
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert set(launcher) == SUBMITIT_SLURM_FIELDS
     assert launcher.submitit_folder == f"{tmp_path}/sweep/.submitit/%j"
-    # One pipeline run per GPU (Q6: CLIMS's BN batch of 16 on one device); the reference's 12 CPU workers.
+    # One pipeline run per GPU (docs/reference.md#q6-trainable-batchnorm: CLIMS's BN batch of 16 on one device); the reference's 12 CPU workers.
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node, launcher.cpus_per_task) == (1, 1, 1, 12)
     assert launcher.timeout_min == 1440 and launcher.partition is None
 

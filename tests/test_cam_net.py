@@ -55,7 +55,7 @@ def test_train_bn_uses_batch_statistics_including_the_frozen_stem() -> None:
     net = CAMNet("resnet18", num_classes=2, pretrained=False, bn_mode="train").train()
     before = net.backbone.bn1.running_mean.clone()
     net(torch.randn(4, 3, 32, 32) * 5 + 3)
-    # Quirk Q6: the stem BN has frozen parameters but still tracks batch statistics in train mode.
+    # Quirk docs/reference.md#q6-trainable-batchnorm: the stem BN has frozen parameters but still tracks batch statistics in train mode.
     assert not torch.allclose(net.backbone.bn1.running_mean, before)
     assert not net.backbone.bn1.weight.requires_grad
 

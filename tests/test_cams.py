@@ -1,4 +1,4 @@
-"""Multi-scale CAM inference: §5 maps vs a literal per-scale/per-flip loop, resume, DDP, the clims-infer stage."""
+"""Multi-scale CAM inference: docs/reference.md#stage-c-cam-inference maps vs a literal per-scale/per-flip loop, resume, DDP, the clims-infer stage."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def net() -> CAMNet:
 
 
 def _reference_maps(net: nn.Module, pairs: list[torch.Tensor], size: tuple[int, int], keys: list[int]):
-    """§5 written out literally: one forward per scale and flip, all 20 classes resized, then keys kept."""
+    """docs/reference.md#stage-c-cam-inference written out literally: one forward per scale and flip, all 20 classes resized, then keys kept."""
     outputs = []
     for pair in pairs:
         with torch.no_grad():

@@ -92,7 +92,7 @@ def test_few_steps_train_the_net_not_clip(tmp_path, cam_ckpt):
     assert not torch.equal(after["classifier.weight"], init["classifier.weight"])
     assert not torch.equal(after["backbone.layer4.1.conv2.weight"], init["backbone.layer4.1.conv2.weight"])
     assert torch.equal(after["backbone.conv1.weight"], init["backbone.conv1.weight"])  # frozen stem
-    # Q6: BN in train mode updates its running statistics.
+    # docs/reference.md#q6-trainable-batchnorm: BN in train mode updates its running statistics.
     assert not torch.equal(after["backbone.layer1.0.bn1.running_mean"], init["backbone.layer1.0.bn1.running_mean"])
     for key, value in clip.state_dict().items():
         assert torch.equal(value, clip_before[key]), key

@@ -79,7 +79,8 @@ def test_fused_equals_reference_order(templates):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert any(g.abs().sum() > 0 for g in fused_grads)
     assert not any(fused_clip)  # frozen CLIP: no parameter gradients in the fused path
-    assert all(naive_clip)  # the reference order computes them all (Q2); logit_scale is unused
+    # the reference order computes them all (docs/reference.md#q2-clip-not-frozen); logit_scale is unused
+    assert all(naive_clip)
 
 
 def test_text_encoded_once_and_one_image_pass_per_step():
@@ -111,7 +112,7 @@ def test_new_prompts_drop_the_cache():
 
 
 def test_only_positive_maps_are_upsampled():
-    """Q15: the fused path resizes K maps (not N×C) and N images, each once."""
+    """docs/reference.md#q15-per-step-python-loops: the fused path resizes K maps (not N×C) and N images, each once."""
     shapes = []
 
     class Record(TorchFunctionMode):
@@ -159,7 +160,8 @@ def test_clip_normalisation_mode():
     clip_std = torch.tensor([0.26862954, 0.26130258, 0.27577711])
     expected = ((mean - clip_mean) / clip_std).view(1, 3, 1, 1).expand(1, 3, 2, 2)
     torch.testing.assert_close(evaluator._clip_pixels(x), expected)
-    assert torch.equal(_evaluator(True)._clip_pixels(x), x)  # reference mode: pixels untouched (Q3)
+    # reference mode: pixels untouched (docs/reference.md#q3-clip-input-pixels)
+    assert torch.equal(_evaluator(True)._clip_pixels(x), x)
 
 
 def test_bf16_close_to_fp32():

@@ -38,13 +38,13 @@ def test_valid_loss_builds_with_reference_weights(compose_cfg) -> None:
     objective = instantiate(compose_cfg("train", ["experiment=paper_voc_clims"]).loss, evaluator=None)
     assert objective.weights == {"otm": 10.0, "btm": 24.0, "cbs": 1.0, "reg": 0.2}
     assert objective.cbs_threshold == 0.26
-    # The toy's named adaptations (docs/fidelity.md, "Toy adaptations"): REG weight and CBS threshold.
+    # The toy's named adaptations (docs/toy_world.md, "Toy adaptations"): REG weight and CBS threshold.
     toy = instantiate(compose_cfg("train", ["experiment=toy_clims"]).loss, evaluator=None)
     assert toy.weights == {"otm": 10.0, "btm": 24.0, "cbs": 1.0, "reg": 2.0} and toy.cbs_threshold == 0.15
 
 
 def test_non_numeric_loss_weight_is_reported_against_loss_alpha(toy_root: Path, compose_cfg) -> None:
-    """Through clims-train's run(): before, the error was "could not convert string to float" at model.objective."""
+    """Through clims-train's run(): named against loss.alpha, not a bare "could not convert string to float"."""
     cfg = compose_cfg("train", ["experiment=toy_clims", *toy_overrides(toy_root), "loss.alpha=abc"])
     with pytest.raises(InstantiationException, match=r"loss\.alpha='abc' is invalid: it must be a number >= 0"):
         run(cfg)

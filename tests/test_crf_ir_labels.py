@@ -1,4 +1,4 @@
-"""IR labels (reference §7): the combination rule, CRF outputs, and the parallel, resumable stage."""
+"""IR labels (docs/reference.md#stage-e-ir-labels): the combination rule, CRF outputs, and the parallel, resumable stage."""
 
 from __future__ import annotations
 

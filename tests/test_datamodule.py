@@ -1,4 +1,4 @@
-"""VOCDataModule on the toy world: batches, labels, determinism, multi-scale input (§5), configs, toy generation."""
+"""VOCDataModule on the toy world: batches, labels, determinism, multi-scale input (docs/reference.md#stage-c-cam-inference), configs, toy generation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DeepLab-v2 (reference §11): balanced CE (Q21), OS-8 MSC outputs, schedule, scores, val/test evaluation."""
+"""DeepLab-v2 (docs/reference.md#stage-i-deeplab-v2): balanced CE (docs/reference.md#q21-balanced-ce-division), OS-8 MSC outputs, schedule, scores, val/test evaluation."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_balanced_ce_finite_without_foreground() -> None:
     labels = torch.zeros(2, 4, 4, dtype=torch.long)
     labels[0, 0] = 255
     loss = balanced_cross_entropy(logits, labels)
-    assert math.isfinite(loss.item())  # the reference divides 0 by 0 here (Q21)
+    assert math.isfinite(loss.item())  # the reference divides 0 by 0 here (docs/reference.md#q21-balanced-ce-division)
     plain = F.cross_entropy(logits, labels, ignore_index=255)
     assert loss.item() == pytest.approx(plain.item() / 2, rel=1e-6)  # the empty foreground half counts 0
     loss.backward()

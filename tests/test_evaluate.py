@@ -1,4 +1,4 @@
-"""CAM/label-dir evaluation on a tiny VOC-layout root: sweep vs separate runs, §10 rules, the clims-eval stage."""
+"""CAM/label-dir evaluation on a tiny VOC-layout root: sweep vs separate runs, docs/reference.md#stage-h-pseudo-label-evaluation rules, the clims-eval stage."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_label_dir_counts_255_as_background(run_dir: tuple) -> None:
     preds = {}
     for image_id, mask in masks.items():
         pred = np.where(mask == 255, 0, mask).astype(np.uint8)
-        pred[-1, :] = 255  # unsure pixels → background (§10)
+        pred[-1, :] = 255  # unsure pixels → background (docs/reference.md#stage-h-pseudo-label-evaluation)
         pred[:, 0] = 3
         save_label_png(root / "pseudo" / f"{image_id}.png", pred)
         preds[image_id] = np.where(pred == 255, 0, pred)
@@ -83,7 +83,8 @@ def test_run_writes_json_markdown_and_logs(run_dir: tuple, compose_cfg) -> None:
     saved = json.loads((root / "run/metrics/cams.json").read_text())
     assert saved["miou"] == pytest.approx(result["miou"]) and saved["split"] == "train"
     assert saved["num_images"] == 3 and len(saved["sweep"]["threshold"]) == 12
-    assert "player" in saved["iou"] and "person" not in saved["iou"]  # the prompt bank's text names (§1.3)
+    # the prompt bank's text names (docs/reference.md#class-names-in-prompts)
+    assert "player" in saved["iou"] and "person" not in saved["iou"]
     markdown = (root / "run/metrics/cams.md").read_text()
     assert f"| mIoU @ 0.15 | {100 * result['miou']:.2f} |" in markdown
     with open(root / "run/csv/metrics.csv") as f:

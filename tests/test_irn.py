@@ -1,4 +1,4 @@
-"""IRN (reference §8): affinity labels by hand, the affinity loss, the frozen network, and training."""
+"""IRN (docs/reference.md#stage-f-irn-training): affinity labels by hand, the affinity loss, the frozen network, and training."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def test_toy_irn_experiment_trains(tmp_path: Path, compose_cfg) -> None:
 
 
 def test_edge_map_runs_unpadded_by_default_and_padding_changes_interior_values() -> None:
-    """§9: the reference snapshot runs the edge net on the image as is; padding (the 512 switch) is not neutral."""
+    """docs/reference.md#stage-g-random-walk: the reference snapshot runs the edge net on the image as is; padding (the 512 switch) is not neutral."""
     torch.manual_seed(0)
     net = IRNet("resnet18", pretrained=False).eval()
     assert net.inference_pad is None

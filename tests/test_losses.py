@@ -1,4 +1,4 @@
-"""The four CLIMS losses against hand-computed values (§4.2), and their weighted sum."""
+"""The four CLIMS losses against hand-computed values (docs/reference.md#clims-training-step), and their weighted sum."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_btm_clamps_then_means():
 
 
 def test_otm_fp16_upper_clamp_rounds_to_one():
-    # §4.3: cast to half, 0.9999 becomes 1.0, so a perfect match costs exactly 0 in fp16 (1e-4 in fp32).
+    # docs/reference.md#clims-fidelity-checklist: cast to half, 0.9999 becomes 1.0, so a perfect match costs exactly 0 in fp16 (1e-4 in fp32).
     assert otm_loss(torch.tensor([1.0], dtype=torch.float16)).item() == 0.0
     assert otm_loss(torch.tensor([1.0])).item() == pytest.approx(LOG_CLAMP_MAX, rel=1e-4)
 

@@ -1,4 +1,4 @@
-"""The reference PolyOptimizer semantics (§3.1): poly lr per step, momentum quirk Q1, coupled L2."""
+"""The reference PolyOptimizer semantics (docs/reference.md#polyoptimizer): poly lr per step, momentum quirk docs/reference.md#q1-polyoptimizer-momentum, coupled L2."""
 
 from __future__ import annotations
 

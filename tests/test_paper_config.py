@@ -1,5 +1,5 @@
-"""experiment=paper_voc pins every reference hyper-parameter (CLIMS_REFERENCE.md §0.1, §3-§11): each stage's
-config is composed exactly as clims-reproduce composes it (no training) and checked against the spec."""
+"""experiment=paper_voc pins every reference hyper-parameter (docs/reference.md#hyper-parameters and the stage sections): each stage's
+config is composed exactly as clims-reproduce composes it (no training) and checked against docs/reference.md."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 from clims_pl.pipeline import compose_stage, stages_from_config
 
 VOC = "/data/VOCdevkit/VOC2012"
-POLY_SGD = {"model.optim.reference_momentum_bug": True, "model.optim.poly_power": 0.9}  # Q1, §3.1 PolyOptimizer
+# docs/reference.md#q1-polyoptimizer-momentum, docs/reference.md#polyoptimizer PolyOptimizer
+POLY_SGD = {"model.optim.reference_momentum_bug": True, "model.optim.poly_power": 0.9}
 
 #: stage → {dotted key: reference value}; "{run}" is the pipeline's run_dir.
 EXPECTED: dict[str, dict[str, Any]] = {
-    # §3 / §0.1: baseline CAM.
+    # docs/reference.md#stage-a-baseline-cam, docs/reference.md#hyper-parameters: baseline CAM.
     "cam": {
         **POLY_SGD,
         "model._target_": "clims_pl.modules.cam.CAMModule",
@@ -37,7 +38,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "trainer.precision": "32-true",
         "ckpt_path": "last",
     },
-    # §4 / §0.1: CLIMS.
+    # docs/reference.md#stage-b-clims-training, docs/reference.md#hyper-parameters: CLIMS.
     "clims": {
         **POLY_SGD,
         "model._target_": "clims_pl.modules.clims.ClimsModule",
@@ -68,11 +69,12 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "model.net.backbone": "resnet50",
         "model.net.bn_mode": "train",
         "model.net.freeze_stem": True,
-        "trainer.devices": 1,  # Q6: BN batch statistics over the reference's 16 images
+        # docs/reference.md#q6-trainable-batchnorm: BN batch statistics over the reference's 16 images
+        "trainer.devices": 1,
         "trainer.precision": "32-true",
         "trainer.limit_val_batches": 0,
     },
-    # §5: 4-scale + flip CAMs of train_aug from the CLIMS weights.
+    # docs/reference.md#stage-c-cam-inference: 4-scale + flip CAMs of train_aug from the CLIMS weights.
     "cams": {
         "ckpt": "{run}/clims/checkpoints/last.ckpt",
         "data.scales": [1.0, 0.5, 1.5, 2.0],
@@ -80,9 +82,9 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "model.net.backbone": "resnet50",
         "model.net.bn_mode": "train",
     },
-    # §6: VOC train (1,464), background 0.15.
+    # docs/reference.md#stage-d-cam-evaluation: VOC train (1,464), background 0.15.
     "eval_cams": {"eval.threshold": 0.15, "eval.split": "train", "eval.cam_dir": "{run}/cams/cams"},
-    # §7 / Q9: IR labels.
+    # docs/reference.md#stage-e-ir-labels, docs/reference.md#q9-background-thresholds: IR labels.
     "ir_labels": {
         "ir_labels.split": "train_aug",
         "ir_labels.cam_dir": "{run}/cams/cams",
@@ -96,7 +98,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "ir_labels.crf.bilateral_srgb": 5,
         "ir_labels.crf.bilateral_compat": 10,
     },
-    # §8 / §0.1: IRN.
+    # docs/reference.md#stage-f-irn-training, docs/reference.md#hyper-parameters: IRN.
     "irn": {
         **POLY_SGD,
         "model._target_": "clims_pl.modules.irn.IRNModule",
@@ -114,7 +116,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "model.net.pretrained": True,
         "model.net.pretrained_tag": "tv_in1k",
     },
-    # §9-§10 / Q9-Q10: random walk + its evaluation on VOC train.
+    # docs/reference.md#stage-g-random-walk, docs/reference.md#stage-h-pseudo-label-evaluation, docs/reference.md#q9-background-thresholds, docs/reference.md#q10-random-walk-radius: random walk + its evaluation on VOC train.
     "pseudo": {
         "ckpt": "{run}/irn/checkpoints/last.ckpt",
         "pseudo.cam_dir": "{run}/cams/cams",
@@ -125,9 +127,10 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "pseudo.exp_times": 8,
         "pseudo.bg_threshold": 0.2,
         "model.net.backbone": "resnet50",
-        "model.net.inference_pad": None,  # §9: the reference snapshot runs the edge net unpadded
+        # docs/reference.md#stage-g-random-walk: the reference snapshot runs the edge net unpadded
+        "model.net.inference_pad": None,
     },
-    # §11.2-§11.4: DeepLab-v2 R101 MSC, ImageNet init (main_v2).
+    # docs/reference.md#deeplab-config, docs/reference.md#deeplab-architecture, docs/reference.md#deeplab-training: DeepLab-v2 R101 MSC, ImageNet init (main_v2).
     "seg": {
         "model._target_": "clims_pl.modules.seg.SegModule",
         "data.label_dir": "{run}/pseudo/pseudo",
@@ -156,7 +159,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "data.normalization": "imagenet",
         "trainer.precision": "32-true",
     },
-    # §11.5: val (SegmentationClassAug) without and with CRF 10 iterations, Gaussian 1/3, bilateral 67/3/4, Q22 kept.
+    # docs/reference.md#deeplab-test-and-crf: val (SegmentationClassAug) without and with CRF 10 iterations, Gaussian 1/3, bilateral 67/3/4, docs/reference.md#q22-deeplab-crf-image kept.
     "seg_eval": {
         "ckpt": "{run}/seg/checkpoints/last.ckpt",
         "model.net.backbone": "resnet101",
@@ -231,7 +234,7 @@ def test_report_rows_point_at_reference_metrics(paper_stages: tuple[DictConfig, 
 
 
 def test_deeplab_init_selects_the_caffe_trunk(tmp_path: Path) -> None:
-    """§11.3: given the reference's init file, seg trains and seg_eval evaluates the Caffe trunk on BGR input."""
+    """docs/reference.md#deeplab-architecture: given the reference's init file, seg trains and seg_eval evaluates the Caffe trunk on BGR input."""
     init = "/weights/deeplabv1_resnet101-imagenet.pth"
     cfg = compose_config("reproduce", tmp_path, ["experiment=paper_voc", f"data.root={VOC}", f"deeplab_init={init}"])
     stages = {s.name: s for s in stages_from_config(cfg.pipeline)}

@@ -1,4 +1,4 @@
-"""Path index (reference §8.1): direction counts, hand-checked paths, index layout, path-max affinities."""
+"""Path index (docs/reference.md#path-index): direction counts, hand-checked paths, index layout, path-max affinities."""
 
 from __future__ import annotations
 

@@ -83,8 +83,8 @@ def test_changed_config_wipes_and_reruns(tmp_path: Path) -> None:
 
 
 def test_changed_inputs_or_from_empty_the_stage_folder(tmp_path: Path) -> None:
-    """Only a stage's own config change used to clear its folder: one rerun for new inputs (or forced) kept files
-    of the old inputs, which per-image stages then skipped and training stages "resumed"."""
+    """New inputs (or --from) clear a stage's folder, not only its own config change: files of the old inputs
+    would otherwise be skipped by per-image stages and "resumed" by training stages."""
     run_pipeline(_stages(), tmp_path / "run", tmp_path)
     stray = tmp_path / "run" / "c" / "stray.bin"
     stray.write_text("derived from b's old output")

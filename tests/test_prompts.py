@@ -19,7 +19,7 @@ def test_voc_bank_reference_prompts():
     prompts = bank.class_prompts()
     assert bank.classes == VOC_CLASSES
     assert len(prompts) == 20 and all(len(p) == 1 for p in prompts)
-    # §1.3 / Q8: "player" for person, spaced names, trailing period, untouched aeroplane/motorbike.
+    # docs/reference.md#class-names-in-prompts, docs/reference.md#q8-prompt-wording: "player" for person, spaced names, trailing period, untouched aeroplane/motorbike.
     assert prompts[14] == ["a photo of player."]
     assert prompts[10] == ["a photo of dining table."]
     assert prompts[15] == ["a photo of potted plant."]

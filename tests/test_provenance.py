@@ -82,8 +82,8 @@ def test_upstream_change_and_from_recompute_everything_downstream(tmp_path: Path
     cams = _cams(run_dir)
     assert first["cam"]["metrics"]["global_step"] == 2 and first["cams_cam"]["finished"] and len(cams) == 16
 
-    # The probe: cam retrains, and cams_cam used to report "computed 0" (every file kept) with an
-    # unchanged mIoU. Now every CAM is recomputed from the new checkpoint.
+    # cam retrains: every CAM is recomputed from the new checkpoint (none kept from the old one, which would leave
+    # the mIoU unchanged).
     with open_dict(cfg):
         cfg.pipeline.set.cam = OmegaConf.create({"trainer": {"max_steps": 4}})
     second = run(cfg)
@@ -96,8 +96,8 @@ def test_upstream_change_and_from_recompute_everything_downstream(tmp_path: Path
     # The evaluation names what it evaluated: the CAM folder's record (which checkpoint), not just its path.
     assert second["eval_cam"]["metrics"]["source_id"] != first["eval_cam"]["metrics"]["source_id"]
 
-    # --from cam used to "resume" the finished last.ckpt and train nothing (1.7 s). Now it starts from step 0
-    # in an emptied folder: the csv log holds the new run's 4 steps only, the stray file is gone.
+    # --from cam starts from step 0 in an emptied folder (it must not "resume" the finished last.ckpt and train
+    # nothing): the csv log holds the new run's 4 steps only, the stray file is gone.
     stray = run_dir / "cam" / "stray.txt"
     stray.write_text("from the previous run")
     with open_dict(cfg):

@@ -1,4 +1,4 @@
-"""Random walk (reference §9): sparse walk = dense reference, transition structure, label rule, pseudo stage."""
+"""Random walk (docs/reference.md#stage-g-random-walk): sparse walk = dense reference, transition structure, label rule, pseudo stage."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""runtime.apply_runtime: the TF32 switch (quirk Q11) sets matmul and cuDNN flags together and is recorded."""
+"""runtime.apply_runtime: the TF32 switch (quirk docs/reference.md#q11-tf32) sets matmul and cuDNN flags together and is recorded."""
 
 from __future__ import annotations
 

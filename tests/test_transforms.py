@@ -1,4 +1,4 @@
-"""Reference augmentation (§1.4): image and mask stay aligned, padding values, resize-long range, val crop."""
+"""Reference augmentation (docs/reference.md#normalisation-and-augmentation): image and mask stay aligned, padding values, resize-long range, val crop."""
 
 from __future__ import annotations
 

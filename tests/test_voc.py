@@ -1,4 +1,4 @@
-"""VOC layer on a hand-made root: labels from XML (§1.2), train_aug arithmetic (§1.1), root errors, PNG I/O."""
+"""VOC layer on a hand-made root: labels from XML (docs/reference.md#image-level-labels), train_aug arithmetic (docs/reference.md#image-lists), root errors, PNG I/O."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-scale CAM inference (reference stage C, §5; quirk Q7) as a Lightning predict stage.
+"""Multi-scale CAM inference (reference stage C, docs/reference.md#stage-c-cam-inference; quirk docs/reference.md#q7-training-vs-inference-cams) as a Lightning predict stage.
 
 For every image: scales (1.0, 0.5, 1.5, 2.0) × horizontal flip, ReLU'd per-pixel logits (no sigmoid), the
 flipped copy flipped back and added, summed over scales; kept for the ground-truth classes only and divided by
@@ -42,7 +42,7 @@ from clims_pl.runtime import prepare_run
 
 log = logging.getLogger(__name__)
 
-#: Added to each class map's max before dividing (reference §5).
+#: Added to each class map's max before dividing (docs/reference.md#stage-c-cam-inference).
 NORM_EPS = 1e-5
 
 
@@ -52,7 +52,7 @@ def strided_size(size: Sequence[int], stride: int = 4) -> tuple[int, int]:
 
 
 def strided_up_size(size: Sequence[int]) -> tuple[int, int]:
-    """(16·⌈H/16⌉, 16·⌈W/16⌉): high_res is upsampled to this multiple of 16, then cropped (Q7)."""
+    """(16·⌈H/16⌉, 16·⌈W/16⌉): high_res is upsampled to this multiple of 16, then cropped (docs/reference.md#q7-training-vs-inference-cams)."""
     h, w = strided_size(size, 16)
     return 16 * h, 16 * w
 

@@ -1,4 +1,4 @@
-"""CAM and label-map evaluation (reference stages D and H, §6 and §10) as the ``clims-eval`` stage.
+"""CAM and label-map evaluation (reference stages D and H, docs/reference.md#stage-d-cam-evaluation and docs/reference.md#stage-h-pseudo-label-evaluation) as the ``clims-eval`` stage.
 
 * ``evaluate_cams``: every CAM file of the evaluation split is read once; one per-pixel histogram per image gives
   the confusion matrix of every threshold of the sweep (``metrics.sweep_histogram``). Reports the reference
@@ -146,7 +146,7 @@ def evaluate_label_dir(
     num_classes: int = 21,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """mIoU of ``<label_dir>/<id>.png`` as eval_sem_seg (§10): predicted 255 counts as background."""
+    """mIoU of ``<label_dir>/<id>.png`` as eval_sem_seg (docs/reference.md#stage-h-pseudo-label-evaluation): predicted 255 counts as background."""
     names = list(names) if names is not None else [str(c) for c in range(num_classes)]
     num_classes = len(names)
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)

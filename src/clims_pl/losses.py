@@ -1,8 +1,8 @@
-"""The CLIMS objective (reference §4.2 step 8): one function per loss term, and their weighted sum.
+"""The CLIMS objective (docs/reference.md#clims-training-step, step 8): one function per loss term, and their weighted sum.
 
 Similarities arrive in CLIP's precision (fp16 in the reference) and every term is computed in that precision,
 as the reference does: in fp16 the upper clamp 0.9999 rounds to 1.0, which is harmless since similarities sit
-around 0.2–0.35 (§4.3). The weighted sum then promotes to fp32 when L_REG (fp32) is added, also as reference.
+around 0.2–0.35 (docs/reference.md#clims-fidelity-checklist). The weighted sum then promotes to fp32 when L_REG (fp32) is added, also as reference.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ TERMS = ("otm", "btm", "cbs", "reg")
 
 
 def otm_loss(s_fg: torch.Tensor) -> torch.Tensor:
-    """Object-text matching, L_OTM = mean_k −log(clamp(s_k^fg, 1e-4, 0.9999)) (§4.2, margin 0).
+    """Object-text matching, L_OTM = mean_k −log(clamp(s_k^fg, 1e-4, 0.9999)) (docs/reference.md#clims-training-step, margin 0).
 
     Pulls each foreground crop towards its class prompt.
     """
@@ -28,7 +28,7 @@ def otm_loss(s_fg: torch.Tensor) -> torch.Tensor:
 
 
 def btm_loss(s_bg: torch.Tensor) -> torch.Tensor:
-    """Background-text matching, L_BTM = mean_k −log(1 − clamp(s_k^bg, 1e-4, 0.9999)) (§4.2, margin 0).
+    """Background-text matching, L_BTM = mean_k −log(1 − clamp(s_k^bg, 1e-4, 0.9999)) (docs/reference.md#clims-training-step, margin 0).
 
     Pushes the background crop (1 − CAM) ⊙ image away from the class prompt, so the CAM must cover the whole object.
     """
@@ -36,7 +36,7 @@ def btm_loss(s_bg: torch.Tensor) -> torch.Tensor:
 
 
 def cbs_loss(s_fg_bg: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Co-occurring background suppression, L_CBS = Σ_{k,b} 1[S_kb > τ] · −log(1 − S_kb) (§4.2, quirk Q5).
+    """Co-occurring background suppression, L_CBS = Σ_{k,b} 1[S_kb > τ] · −log(1 − S_kb) (docs/reference.md#clims-training-step, quirk docs/reference.md#q5-cbs-is-a-sum).
 
     A SUM over the K×B (crop, background prompt) pairs with a hard, gradient-free mask and no clamp, so its size
     grows with K; the reference default τ is 0.26 on VOC.
@@ -46,7 +46,7 @@ def cbs_loss(s_fg_bg: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def area_reg(maps: torch.Tensor) -> torch.Tensor:
-    """Area regulariser, L_REG = mean of the sigmoid maps over ALL N×C×h×w entries (§4.2, quirk Q4).
+    """Area regulariser, L_REG = mean of the sigmoid maps over ALL N×C×h×w entries (docs/reference.md#clims-training-step, quirk docs/reference.md#q4-reg-over-all-classes).
 
     Absent classes are included: their maps get gradient only from this term, which pushes them to 0.
     """

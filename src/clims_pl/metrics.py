@@ -1,4 +1,4 @@
-"""Semantic-segmentation metrics with the reference's chainercv conventions (§6, §10, §14.8).
+"""Semantic-segmentation metrics with the reference's chainercv conventions (docs/reference.md#stage-d-cam-evaluation, docs/reference.md#stage-h-pseudo-label-evaluation, docs/reference.md#evaluation-conventions).
 
 Pure numpy functions, no I/O:
 
@@ -182,7 +182,7 @@ def summarise_confusion(conf: np.ndarray, names: Sequence[str]) -> dict:
     a pixel counts as correct foreground when both prediction and ground truth are any foreground class);
     ``among_predfg_bg`` = predicted-fg pixels whose ground truth is background / predicted-fg pixels (eval_cam);
     ``fp_bg`` / ``fn_bg`` / ``fp_fg`` / ``fn_fg`` = 1 − gt_sum/denominator and 1 − pred_sum/denominator for
-    background and their nanmean over the foreground classes (eval_sem_seg, §10).
+    background and their nanmean over the foreground classes (eval_sem_seg, docs/reference.md#stage-h-pseudo-label-evaluation).
     """
     conf = np.asarray(conf, dtype=np.int64)
     if len(names) != len(conf):

@@ -1,7 +1,7 @@
-"""The reference optimiser: SGD with a per-step polynomial learning-rate decay (reference §3.1).
+"""The reference optimiser: SGD with a per-step polynomial learning-rate decay (docs/reference.md#polyoptimizer).
 
 The reference ``PolyOptimizer`` subclasses SGD and passes ``weight_decay`` positionally into SGD's *momentum*
-slot, so every group runs with momentum = 1e-4 (quirk Q1, [FAITHFUL]). ``reference_momentum_bug=True`` reproduces
+slot, so every group runs with momentum = 1e-4 (quirk docs/reference.md#q1-polyoptimizer-momentum, [FAITHFUL]). ``reference_momentum_bug=True`` reproduces
 that; ``False`` uses the intended ``momentum`` (0.9) and changes the numbers.
 """
 
@@ -47,7 +47,7 @@ def poly_sgd(
 
 
 def cam_net_optimizer(net: CAMNet, cfg: Mapping[str, Any], max_steps: int) -> dict[str, Any]:
-    """Reference groups for CAM and CLIMS (§3, §4.1): trainable backbone at ``lr``, classifier at ``lr × mult``."""
+    """Reference groups for CAM and CLIMS (docs/reference.md#stage-a-baseline-cam, docs/reference.md#clims-setup): trainable backbone at ``lr``, classifier at ``lr × mult``."""
     backbone, classifier = net.param_groups()
     return poly_sgd(
         [

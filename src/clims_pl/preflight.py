@@ -42,7 +42,7 @@ from clims_pl.data.voc import VOC_CLASSES, read_split, validate_voc_root
 from clims_pl.io import atomic_write_json, atomic_write_text
 from clims_pl.pipeline import Stage, compose_stage, console, default_wandb_group, run, stages_from_config
 
-#: Real VOC2012 + SBD split sizes (reference §1.1): what the estimates use when ``data.root`` holds fewer images.
+#: Real VOC2012 + SBD split sizes (docs/reference.md#image-lists): what the estimates use when ``data.root`` holds fewer images.
 VOC_SPLIT_SIZES = {"train_aug": 10_582, "train": 1_464, "val": 1_449}
 #: Per-batch times a training stage's StepTimer writes into its stage folder.
 STEPS_FILE = "preflight_steps.json"

@@ -38,7 +38,7 @@ def prepare_run(cfg: DictConfig) -> Path:
             tree.add(str(key)).add(rich.syntax.Syntax(body, "yaml"))
         rich.print(tree)
     apply_runtime(cfg)
-    # FixedBN keeps BatchNorm layers in eval mode on purpose (reference §2.1); Lightning's warning about it misleads.
+    # FixedBN keeps BatchNorm layers in eval mode on purpose (docs/reference.md#resnet-50-with-fixedbn); Lightning's warning about it misleads.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -47,7 +47,7 @@ def prepare_run(cfg: DictConfig) -> Path:
 
 def apply_runtime(cfg: DictConfig) -> None:
     """Set the numerics of ``cfg.runtime`` before a stage computes: ``tf32`` switches TF32 for CUDA matmuls and
-    cuDNN convolutions together (quirk Q11; PyTorch's own defaults differ between the two: fp32 / TF32)."""
+    cuDNN convolutions together (quirk docs/reference.md#q11-tf32; PyTorch's own defaults differ between the two: fp32 / TF32)."""
     tf32 = bool(OmegaConf.select(cfg, "runtime.tf32", default=False))
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32

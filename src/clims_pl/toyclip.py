@@ -8,7 +8,7 @@ annotations): every image and its caption come from the renderer, so the teacher
 is evaluated on. The result is a plain open_clip state dict that loads through the same
 ``open_clip.create_model(name, pretrained=<file>)`` path as a real CLIP checkpoint (``conf/clip/toyclip.yaml``).
 
-**What CLIMS asks of its teacher (reference §4.2)**, hence how the pairs are made. CLIP scores
+**What CLIMS asks of its teacher (docs/reference.md#clims-training-step)**, hence how the pairs are made. CLIP scores
 ``P ⊙ img`` and ``(1 − P) ⊙ img`` (ImageNet-normalised pixels, masked pixels → 0 = the mean colour, bilinear
 align-corners resize to the CLIP input) against class prompts (OTM, BTM) and background prompts (CBS). So the
 teacher is trained on exactly such inputs: each image goes through the CLIMS training augmentation
@@ -41,14 +41,8 @@ would dominate the step time. ``clims-toy-rn`` (the default) reads the toy crop 
 at which a width-32 ModifiedResNet still sees the body patterns; ``clims-toy-vit`` reads the 128-px crop
 unresized with 16-px patches (64 tokens).
 
-**Limits measured.** Toy world version 2 told classes apart only by small shape-only parts: no tiny tower tried
-(ViT 64/8, 128/16, 128/8, widths 64–128; ModifiedResNet) got above chance on objects within a few CPU minutes
-(backgrounds 100%). Version 3 paints class-specific body patterns. On it (batch 64, 2 threads, seed 0):
-``clims-toy-vit`` 59.5% on objects alone, 45% on scenes, 100% on backgrounds (600 steps, 116 s); the
-ModifiedResNet at 128 px 92.5% / 91.5% / 100% (300 steps, 759 s). Version 4 (objects 1.2× larger, pattern
-contrast 0.2 instead of 0.55) with the ModifiedResNet at 64 px: 100% / 100% / 100% after 300 steps in ~230 s,
-hence the default. A timm ``resnet18_toy`` tower (avg pool + linear) reached only 54% on objects in 300 steps
-(with the 0.55-contrast patterns; the ModifiedResNet had 96% there).
+**Why this tower.** ``clims-toy-rn`` at 64 px is the smallest tower that tells the toy classes apart within
+CPU minutes; the towers tried and their accuracies are in docs/toy_world.md ("The toy CLIP").
 
 The checkpoint is cached: an existing file whose sidecar ``<checkpoint>.json`` records the same config hash
 is reused without training. Zero-shot accuracies and similarity ranges on held-out renders (another seed) are
@@ -260,9 +254,9 @@ def random_maps(regions: torch.Tensor, masks: Mapping[str, float], gen: torch.Ge
 
 
 def to_clip_size(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Align-corners bilinear resize, no antialiasing: what ClipEvaluator does to images and maps (§4.2 step 4).
+    """Align-corners bilinear resize, no antialiasing: what ClipEvaluator does to images and maps (docs/reference.md#clims-training-step, step 4).
 
-    The teacher input is ``to_clip_size(map) * to_clip_size(image)`` (normalize=reference, §4.2 step 5).
+    The teacher input is ``to_clip_size(map) * to_clip_size(image)`` (normalize=reference, docs/reference.md#clims-training-step, step 5).
     """
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
 

@@ -6,7 +6,7 @@ stage's diagnostics folder) the panels show the refinement instead: image | CAM 
 IRN edge map | walked map | pseudo label | ground truth; the stride-4 maps come from the ``<id>.npz`` files the
 pseudo stage stored for its evaluation images (not recomputed: viz needs no IRN checkpoint). With a WandbLogger
 configured the panels are also logged as wandb images. The reference drew a blended heat map for every image
-during inference (Q18); here it is a separate, opt-in stage.
+during inference (docs/reference.md#q18-inference-outputs); here it is a separate, opt-in stage.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""IRN training data (reference §8.2, ``VOC12AffinityDataset``): image crops + IR labels at 1/4 scale.
+"""IRN training data (docs/reference.md#affinity-labels, ``VOC12AffinityDataset``): image crops + IR labels at 1/4 scale.
 
 The reference turns each label crop into three (D, P) float tensors per sample (~24 MB each at crop 512); here
 the dataset returns only the stride-4 label (128×128 bytes) and :func:`affinity_labels` builds the same three

@@ -54,7 +54,7 @@ def seed_worker_transform(worker_id: int) -> None:
 
 
 class MultiScaleDataset(Dataset):
-    """Multi-scale + flip inference input (reference VOC12ClassificationDatasetMSF, §1.5/§5).
+    """Multi-scale + flip inference input (reference VOC12ClassificationDatasetMSF, docs/reference.md#dataset-classes, docs/reference.md#stage-c-cam-inference).
 
     Item: ``id``, ``label`` (C,) float, ``size`` (H, W), ``images``: one (2, 3, h_s, w_s) float tensor per
     scale = [image, its horizontal flip], ImageNet-normalised, h_s = round(H·s) by PIL bicubic (scale 1.0 is
@@ -227,7 +227,7 @@ class VOCDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, drop_last batches of reference-augmented crops (§1.4): dict(image, label, id)."""
+        """Shuffled, drop_last batches of reference-augmented crops (docs/reference.md#normalisation-and-augmentation): dict(image, label, id)."""
         ids, labels = self.split(self.hparams.train_split)
         if len(ids) < self.hparams.batch_size:
             raise ValueError(
@@ -247,7 +247,7 @@ class VOCDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        """Deterministic top-left crops of the val split (reference §3 validation loss)."""
+        """Deterministic top-left crops of the val split (docs/reference.md#stage-a-baseline-cam validation loss)."""
         ids, labels = self.split(self.hparams.val_split)
         dataset = ClassificationDataset(self.root, ids, labels, val_transform(self.hparams.crop_size))
         return self._loader(

@@ -1,4 +1,4 @@
-"""DeepLab-v2 data (reference §11.4): images + label PNGs (pseudo labels for training, VOC masks for val/test).
+"""DeepLab-v2 data (docs/reference.md#deeplab-training): images + label PNGs (pseudo labels for training, VOC masks for val/test).
 
 Training augmentation follows the reference ``VOCAug``: one scale drawn from a list, image resized bilinearly and
 label by nearest to (int(h·s), int(w·s)), padded bottom/right to the crop (mean colour / 255), a random crop and

@@ -9,7 +9,7 @@ built so that a CAM classifier is tempted into CLIMS's two failure modes:
   class-specific *part* (:data:`TOY_PARTS`: a swept tail fin, a symmetric sail, two horns, a chimney).
   Nothing differs by colour, so the class is read from shape and pattern; the part plus a patch of pattern
   is enough for a classifier, so its CAM need not cover the body. Patterns are what a tiny CLIP trained
-  for minutes on 2 CPU cores can learn (it could not learn the shape-only parts of world version 2).
+  for minutes on 2 CPU cores can learn; shape-only parts it cannot (docs/toy_world.md).
 * **Co-occurring background.** Each class has a background (:data:`TOY_COOCCURRING`: aeroplane–sky,
   boat–water, cow–grass, train–railroad) present in ~90% of that class's images, so the background is strong
   (but not perfect) evidence and CAMs spill onto it. The other ~10% use a neutral texture (wall, sand) or
@@ -67,14 +67,14 @@ TOY_PATTERNS: dict[str, str] = {
 #: ImageNet mean colour: 0 after normalisation, the colour of CLIMS's masked-out pixels.
 NEUTRAL_RGB: tuple[int, int, int] = (124, 116, 104)
 #: Bump when the rendering changes, so an old world on disk is not silently reused.
-TOY_VERSION = 4  # 2: ToyBackground/ maps; 3: class body patterns; 4: objects 1.2x larger, patterns darker
+TOY_VERSION = 4  # bumped whenever rendering changes, so an older world on disk is refused (docs/toy_world.md)
 #: Per-pixel background index (into TOY_BACKGROUNDS) of train and val images, as grayscale PNGs.
 BACKGROUND_DIR = "ToyBackground"
 
 P_COOCCUR = 0.9  # a class's image shows its co-occurring background
 P_TWO_CLASSES = 0.25  # an image holds two distinct classes (else one)
 P_NEUTRAL_BAND = 0.3  # a single-background image gets a neutral band above or below
-PATTERN_DARK = 0.2  # brightness of the pattern's dark half (0.55 in v3: a CNN learnt it ~2x slower)
+PATTERN_DARK = 0.2  # brightness of the pattern's dark half: high contrast, so a small CNN learns it quickly
 BAND_WIDTH = 1  # pixels of 255 outside each object boundary (VOC's void band, scaled to 128 px)
 
 # Band order from the top of the image: sky above everything, walls above the ground textures.

@@ -1,4 +1,4 @@
-"""Image transforms of the reference (§1.4) as albumentations 2.x pipelines, plus the inference normalisation.
+"""Image transforms of the reference (docs/reference.md#normalisation-and-augmentation) as albumentations 2.x pipelines, plus the inference normalisation.
 
 Training: random long side in [lo, hi] (PIL bicubic, as the reference's ``pil_rescale``) → ImageNet
 normalisation → horizontal flip (p = 0.5) → random S × S crop; an axis shorter than S is placed at a random
@@ -20,7 +20,7 @@ from PIL import Image
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-#: Label value of padded (and otherwise ignored) mask pixels (§1.6).
+#: Label value of padded (and otherwise ignored) mask pixels (docs/reference.md#ignore-label).
 IGNORE_INDEX = 255
 
 
@@ -85,7 +85,7 @@ def train_transform(
     hflip: bool = True,
     additional_targets: dict[str, str] | None = None,
 ) -> A.Compose:
-    """Reference training augmentation (§1.4, §3); ``resize_long=None`` skips the random rescale.
+    """Reference training augmentation (docs/reference.md#normalisation-and-augmentation, docs/reference.md#stage-a-baseline-cam); ``resize_long=None`` skips the random rescale.
 
     Returns a Compose producing ``image`` as a (3, S, S) float tensor (and ``mask`` as an (S, S) tensor).
     ``strict=True`` turns albumentations-1.x argument names (``value=``, ``mask_value=``) into errors
@@ -114,7 +114,7 @@ def train_transform(
 
 
 def val_transform(crop_size: int, *, additional_targets: dict[str, str] | None = None) -> A.Compose:
-    """Deterministic top-left S × S crop, padded bottom/right with 0 (image) and 255 (mask) (§3 validation)."""
+    """Deterministic top-left S × S crop, padded bottom/right with 0 (image) and 255 (mask) (docs/reference.md#stage-a-baseline-cam validation)."""
     steps = [
         _normalize(),
         A.PadIfNeeded(

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 on disk: root validation, splits, image-level labels, images and palette masks (reference §1).
+"""PASCAL VOC 2012 on disk: root validation, splits, image-level labels, images and palette masks (docs/reference.md#data).
 
 Everything here works on the plain VOC2012 folder layout, so the procedural toy world (``toy.py``), written in
 the same layout, runs through exactly the same code.
@@ -19,7 +19,7 @@ from PIL import Image
 
 from clims_pl.io import atomic_path, atomic_save_npz
 
-#: Channel order everywhere; segmentation label = index + 1, 0 = background (§1.2).
+#: Channel order everywhere; segmentation label = index + 1, 0 = background (docs/reference.md#image-level-labels).
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane",
     "bicycle",
@@ -97,7 +97,7 @@ def read_split(root: str | os.PathLike, split: str) -> list[str]:
 
     ``train``/``val``/``test`` (or any other ``ImageSets/Segmentation/<split>.txt``) are read as listed.
     ``train_aug`` is derived, not shipped: (ids having ``SegmentationClassAug/<id>.png`` ∪ train) − val, sorted;
-    on VOC2012 + SBD this gives the reference's 10,582 ids (§1.1). On a COCO root the split is an image folder
+    on VOC2012 + SBD this gives the reference's 10,582 ids (docs/reference.md#image-lists). On a COCO root the split is an image folder
     (``train2014``, ``train2014:10000``) read from its instances file (``coco.split_ids``).
     """
     from clims_pl.data import coco
@@ -160,7 +160,7 @@ def parse_labels(xml_path: Path, classes: Sequence[str]) -> tuple[np.ndarray, li
     """Multi-hot (C,) float32 from one Annotations XML, and the names of its objects outside ``classes``.
 
     Every ``<name>`` element whose text is a class name counts, whatever its difficult/truncated flags, as in
-    the reference's make_cls_labels (§1.2); other names (object parts, owners) are ignored. Objects
+    the reference's make_cls_labels (docs/reference.md#image-level-labels); other names (object parts, owners) are ignored. Objects
     (``<object><name>``) of another class are returned so that the caller can report them (VOC has none).
     """
     index = {name: i for i, name in enumerate(classes)}

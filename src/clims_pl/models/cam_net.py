@@ -1,4 +1,4 @@
-"""CAMNet: the ResNet classifier whose per-pixel class scores are the CAMs (reference §2).
+"""CAMNet: the ResNet classifier whose per-pixel class scores are the CAMs (docs/reference.md#backbones).
 
 The reference ResNet-50 has strides (2, 2, 2, 1): layer4 keeps stride 1 *without* dilation, giving output stride 16.
 timm's ``output_stride=16`` would dilate layer4 instead, which changes the receptive field and the numbers, so we
@@ -32,7 +32,7 @@ class CAMNet(nn.Module):
             (tests, or weights that come from a checkpoint anyway).
         pretrained_tag: timm tag; ``tv_in1k`` = torchvision's original ImageNet weights, the reference init.
         bn_mode: ``fixed`` — BN always uses its stored statistics (reference FixedBatchNorm, baseline CAM);
-            ``train`` — ordinary BatchNorm, batch statistics in training (CLIMS, quirk Q6).
+            ``train`` — ordinary BatchNorm, batch statistics in training (CLIMS, quirk docs/reference.md#q6-trainable-batchnorm).
         freeze_stem: conv1/bn1 get no gradient (reference freezes the stem in both CAM and CLIMS).
     """
 

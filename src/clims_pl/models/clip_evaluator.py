@@ -1,19 +1,19 @@
 """Frozen CLIP (open_clip) as the CLIMS teacher: similarities of masked images to class and background prompts.
 
-What one training step needs from CLIP (reference §4.2 steps 3–8): for every positive (image n, class c) pair,
+What one training step needs from CLIP (docs/reference.md#clims-training-step, steps 3–8): for every positive (image n, class c) pair,
 the cosine similarity of the foreground crop ``cam ⊙ img`` and of the background crop ``(1 − cam) ⊙ img`` to the
 class prompt, and of the foreground crop to each background prompt (L_CBS).
 
 Two orders of work give the same numbers:
 
-* ``fused=True`` (default): CLIP frozen (``requires_grad_(False)``, Q2), text embeddings encoded once and cached
-  (Q14 a/b), only the K positive maps upsampled (Q15), fg and bg crops encoded in ONE batched pass whose fg
-  features are reused for CBS (Q14 c): 2K image encodes and no text encode per step.
+* ``fused=True`` (default): CLIP frozen (``requires_grad_(False)``, docs/reference.md#q2-clip-not-frozen), text embeddings encoded once and cached
+  (docs/reference.md#q14-repeated-clip-work a/b), only the K positive maps upsampled (docs/reference.md#q15-per-step-python-loops), fg and bg crops encoded in ONE batched pass whose fg
+  features are reused for CBS (docs/reference.md#q14-repeated-clip-work c): 2K image encodes and no text encode per step.
 * ``fused=False``: the reference's order, kept to prove equality and to benchmark against: all N×C maps upsampled,
   crops stacked in a Python loop, prompts re-tokenised and re-encoded for OTM and again for BTM, background prompts
   encoded every step, fg crops encoded twice (3K image encodes), CLIP parameter gradients on.
 
-Pixels (Q3, [FAITHFUL]): ``normalize="reference"`` feeds CLIP the ImageNet-normalised training pixels, masked in
+Pixels (docs/reference.md#q3-clip-input-pixels, [FAITHFUL]): ``normalize="reference"`` feeds CLIP the ImageNet-normalised training pixels, masked in
 that space (masked pixels become the ImageNet mean colour), as the official code does; ``normalize="clip"``
 re-normalises with CLIP's mean/std first (masked pixels become CLIP's mean colour), as the camera-ready code did.
 Images and maps are resized to the CLIP input size with align-corners bilinear and no antialiasing, as reference.
@@ -74,7 +74,7 @@ class ClipEvaluator(nn.Module):
         pretrained: an open_clip tag (``openai``), a local weights file (open_clip or OpenAI CLIP state-dict keys,
             optionally ``module.``-prefixed), or None for random init (tests, benchmarks, toy).
         precision: ``fp16`` (reference), ``bf16``, ``fp32`` or ``auto`` (see module docstring).
-        normalize: ``reference`` (ImageNet-normalised pixels, Q3) or ``clip`` (re-normalised with CLIP mean/std).
+        normalize: ``reference`` (ImageNet-normalised pixels, docs/reference.md#q3-clip-input-pixels) or ``clip`` (re-normalised with CLIP mean/std).
         input_size: CLIP input side; None = the model's (224 for ViT-B/32).
         fused: False = the reference's order of work with CLIP gradients on (benchmark/equality only).
         cache_dir: Hugging Face hub cache for tagged weights (default: HF_HOME's).
@@ -109,7 +109,7 @@ class ClipEvaluator(nn.Module):
         self.tokenizer = open_clip.get_tokenizer(model)
         self.input_size = int(input_size or clip_input_size(self.clip))
         self.fused = fused
-        # Q2: the reference never freezes CLIP; frozen weights give identical input gradients, so only the naive
+        # docs/reference.md#q2-clip-not-frozen: the reference never freezes CLIP; frozen weights give identical input gradients, so only the naive
         # path keeps the (useless, accumulating) parameter gradients, to reproduce its cost.
         self.clip.requires_grad_(not fused)
         scale, shift = _pixel_affine(normalize, model, pretrained)

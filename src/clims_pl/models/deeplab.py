@@ -1,4 +1,4 @@
-"""DeepLab-v2 with multi-scale inputs (reference §11.3, ``DeepLabV2_ResNet101_MSC``).
+"""DeepLab-v2 with multi-scale inputs (docs/reference.md#deeplab-architecture, ``DeepLabV2_ResNet101_MSC``).
 
 Backbone: the timm ResNet trunk of :class:`~clims_pl.models.cam_net.CAMNet`, made output-stride 8 by removing
 the strides of layer3/layer4 and dilating *every* 3×3 conv of those layers by 2 and 4 (the reference dilates all

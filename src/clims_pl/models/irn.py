@@ -1,9 +1,9 @@
-"""IRNet's class-boundary network (reference §8.3, ``resnet50_irn``) on a frozen ImageNet ResNet.
+"""IRNet's class-boundary network (docs/reference.md#irn-network-and-loss, ``resnet50_irn``) on a frozen ImageNet ResNet.
 
 The backbone is the same trunk as :class:`~clims_pl.models.cam_net.CAMNet` (timm ResNet, layer4 stride 1 without
 dilation, output stride 16), frozen entirely: eval-mode BN, no gradients, not in the optimiser. Only the
 boundary (edge) branch is trained. The displacement branch is omitted: it, its loss and the dp-mean pass only
-serve instance segmentation and do not change semantic pseudo labels (quirk Q17).
+serve instance segmentation and do not change semantic pseudo labels (quirk docs/reference.md#q17-displacement-branch-unused).
 """
 
 from __future__ import annotations

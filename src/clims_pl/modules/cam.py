@@ -1,4 +1,4 @@
-"""Baseline CAM classifier (reference stage A, §3): multilabel soft-margin loss on GAP logits."""
+"""Baseline CAM classifier (reference stage A, docs/reference.md#stage-a-baseline-cam): multilabel soft-margin loss on GAP logits."""
 
 from __future__ import annotations
 
@@ -45,5 +45,5 @@ class CAMModule(L.LightningModule):
         self.log("val/mAP", self.val_map, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """Reference §3: backbone lr 0.1, classifier ×10, L2 1e-4, poly 0.9, momentum quirk Q1."""
+        """Reference docs/reference.md#stage-a-baseline-cam: backbone lr 0.1, classifier ×10, L2 1e-4, poly 0.9, momentum quirk docs/reference.md#q1-polyoptimizer-momentum."""
         return cam_net_optimizer(self.net, self.hparams.optim, int(self.trainer.estimated_stepping_batches))

@@ -1,7 +1,7 @@
-"""CLIMS training (reference stage B, §4): sigmoid CAMs taught by a frozen CLIP through the four losses.
+"""CLIMS training (reference stage B, docs/reference.md#stage-b-clims-training): sigmoid CAMs taught by a frozen CLIP through the four losses.
 
 The network starts from a baseline CAM checkpoint (stage A) and trains with ordinary BatchNorm in train mode
-(quirk Q6); there is no classification loss. CLIP is not trained and not checkpointed: its weights are rebuilt
+(quirk docs/reference.md#q6-trainable-batchnorm); there is no classification loss. CLIP is not trained and not checkpointed: its weights are rebuilt
 from the ``clip`` config on load, so checkpoints stay the size of the CAM network and carry no CLIP copy that
 could drift from the config.
 """
@@ -49,7 +49,7 @@ class ClimsModule(L.LightningModule):
         _load_init(net, init_ckpt, allow_random_init)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Training-time CAMs: sigmoid of the per-pixel logits (N, C, h/16, w/16) (Q7)."""
+        """Training-time CAMs: sigmoid of the per-pixel logits (N, C, h/16, w/16) (docs/reference.md#q7-training-vs-inference-cams)."""
         return torch.sigmoid(self.net(image))
 
     def setup(self, stage: str) -> None:
@@ -75,7 +75,7 @@ class ClimsModule(L.LightningModule):
         return out["total"]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """Reference §4.1: backbone lr, classifier ×10, L2 1e-4, poly 0.9, momentum quirk Q1. CLIP is excluded."""
+        """Reference docs/reference.md#clims-setup: backbone lr, classifier ×10, L2 1e-4, poly 0.9, momentum quirk docs/reference.md#q1-polyoptimizer-momentum. CLIP is excluded."""
         return cam_net_optimizer(self.net, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -90,7 +90,7 @@ class ClimsModule(L.LightningModule):
 
 
 def _load_init(net: CAMNet, init_ckpt: str | os.PathLike | None, allow_random_init: bool) -> None:
-    """Strictly load the baseline CAM weights into ``net`` (reference §4.1 loads res50_cam.pth strictly): a clims-pl
+    """Strictly load the baseline CAM weights into ``net`` (docs/reference.md#clims-setup loads res50_cam.pth strictly): a clims-pl
     checkpoint or the reference's own ``res50_cam.pth`` (any layout :mod:`clims_pl.models.checkpoint` knows)."""
     if init_ckpt is None:
         if allow_random_init:

@@ -1,4 +1,4 @@
-"""IRN boundary training (reference stage F, §8): affinity loss from IR labels on a radius-10 path index."""
+"""IRN boundary training (reference stage F, docs/reference.md#stage-f-irn-training): affinity loss from IR labels on a radius-10 path index."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from clims_pl.refine.path_index import PathIndex, edge_to_affinity
 def affinity_loss(
     affinity: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor, eps: float = 1e-5
 ) -> dict[str, torch.Tensor]:
-    """IRN's inter-pixel affinity loss (§8.3), reductions as the reference (sums over batch, pairs, directions).
+    """IRN's inter-pixel affinity loss (docs/reference.md#irn-network-and-loss), reductions as the reference (sums over batch, pairs, directions).
 
     pos pairs pull the affinity to 1 (−log(a + ε)), neg pairs push it to 0 (−log(1 + ε − a)); background and
     foreground positives are averaged separately then halved, so the larger set cannot dominate.
-    total = (L_pos + L_neg) / 2 (the displacement terms are dropped, Q17).
+    total = (L_pos + L_neg) / 2 (the displacement terms are dropped, docs/reference.md#q17-displacement-branch-unused).
     """
     pos_term = -torch.log(affinity + eps)
     neg_term = -torch.log(1.0 + eps - affinity)
@@ -44,7 +44,7 @@ class IRNModule(L.LightningModule):
         net: the IRNet (frozen backbone).
         num_classes: foreground classes; IR label values above it (255) mark unsure pixels.
         optim: ``lr``, ``weight_decay``, ``poly_power``, ``reference_momentum_bug``, ``momentum``
-            (see :func:`clims_pl.optim.poly_sgd`; reference lr 0.1, wd 1e-4, quirk Q1).
+            (see :func:`clims_pl.optim.poly_sgd`; reference lr 0.1, wd 1e-4, quirk docs/reference.md#q1-polyoptimizer-momentum).
         crop_size: training crop; the path index lives on its ceil(crop/4) stride-4 grid.
         radius: path-index radius (reference 10 in training, 5 in the random walk).
     """

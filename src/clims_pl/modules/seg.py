@@ -1,4 +1,4 @@
-"""DeepLab-v2 training on pseudo labels (reference stage I, §11.4) and its validation metric (§11.5).
+"""DeepLab-v2 training on pseudo labels (reference stage I, docs/reference.md#deeplab-training) and its validation metric (docs/reference.md#deeplab-test-and-crf).
 
 Loss: class-balanced cross-entropy (``main_v2``) summed over the four MSC outputs, labels resized to each output
 with nearest sampling of pixel centres (= PIL NEAREST). Optimiser: SGD momentum 0.9, wd 5e-4, lr ×1 backbone
@@ -22,7 +22,7 @@ from clims_pl.models.deeplab import DeepLabV2
 def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """(mean CE over background pixels + mean CE over foreground pixels) / 2 (reference ``criterion_balance``).
 
-    Q21 guard, always on: each mean divides by max(count, 1), so a batch without foreground (or background)
+    docs/reference.md#q21-balanced-ce-division guard, always on: each mean divides by max(count, 1), so a batch without foreground (or background)
     pixels contributes 0 for that half instead of the reference's 0/0 = NaN. With both sets non-empty the value
     is exactly the reference's.
     """
@@ -37,7 +37,7 @@ def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_in
 def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, H, W) integer labels → (B, h, w) by nearest pixel-centre sampling, identical to PIL NEAREST.
 
-    The reference passes (H, W) where PIL expects (W, H) (Q26); that is harmless for its square crops and
+    The reference passes (H, W) where PIL expects (W, H) (docs/reference.md#q26-label-resize-order); that is harmless for its square crops and
     we pass the size the right way round.
     """
     if tuple(labels.shape[-2:]) == tuple(size):
@@ -49,7 +49,7 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def deeplab_scores(conf: np.ndarray) -> dict[str, Any]:
     """The reference ``scores()`` from a (C, C) confusion (rows = ground truth).
 
-    mIoU is the nanmean of IoU over the classes **present in the ground truth** (§11.5), unlike the chainercv
+    mIoU is the nanmean of IoU over the classes **present in the ground truth** (docs/reference.md#deeplab-test-and-crf), unlike the chainercv
     mIoU of the CAM / pseudo-label evaluation.
     """
     hist = np.asarray(conf, dtype=np.float64)

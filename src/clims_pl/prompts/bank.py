@@ -1,7 +1,7 @@
 """Prompt banks: the CLIP text side of CLIMS kept as data (yaml), not code.
 
-A bank names the dataset classes in channel order, the wording CLIP reads for each (reference §1.3: "player" for
-person), the prompt templates and the co-occurring background concepts used by L_CBS (§4.2). Keeping it as data
+A bank names the dataset classes in channel order, the wording CLIP reads for each (docs/reference.md#class-names-in-prompts: "player" for
+person), the prompt templates and the co-occurring background concepts used by L_CBS (docs/reference.md#clims-training-step). Keeping it as data
 lets a new dataset or a prompt ablation be a yaml file and a ``data.prompts=...`` override.
 """
 

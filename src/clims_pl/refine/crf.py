@@ -1,8 +1,8 @@
 """Dense CRF (pydensecrf) in the two flavours the reference uses.
 
-* :func:`crf_inference_label` — IR labels (§7): unary from *hard* labels (gt_prob 0.7), Gaussian 3/3,
+* :func:`crf_inference_label` — IR labels (docs/reference.md#stage-e-ir-labels): unary from *hard* labels (gt_prob 0.7), Gaussian 3/3,
   bilateral 50/5/10, 10 iterations, on the RGB uint8 image; returns the argmax label.
-* :func:`crf_inference_prob` — DeepLab post-processing (§11.5): unary −log(softmax), Gaussian 1/3,
+* :func:`crf_inference_prob` — DeepLab post-processing (docs/reference.md#deeplab-test-and-crf): unary −log(softmax), Gaussian 1/3,
   bilateral 67/3/4, 10 iterations; returns the refined probabilities.
 """
 

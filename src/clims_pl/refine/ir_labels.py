@@ -1,4 +1,4 @@
-"""Stage E, IR labels (reference §7): confident seeds for IRN from CAMs + dense CRF.
+"""Stage E, IR labels (docs/reference.md#stage-e-ir-labels): confident seeds for IRN from CAMs + dense CRF.
 
 Two CRF-refined argmax maps per image: a strict one (background plane 0.30) gives the foreground classes, a
 lenient one (background plane 0.10) gives the background; every pixel neither map is sure about is 255.

@@ -1,4 +1,4 @@
-"""IRNet path index (reference §8.1): which pixel pairs an affinity links, and through which pixels.
+"""IRNet path index (docs/reference.md#path-index): which pixel pairs an affinity links, and through which pixels.
 
 An inter-pixel affinity between a source pixel and a destination pixel within ``radius`` is
 ``1 − max(boundary)`` along the straight path between them. The path index lists, for every search direction,

@@ -1,4 +1,4 @@
-"""Stage G + H, semantic pseudo labels (reference §9, §10): CAMs random-walked on the IRN boundary map.
+"""Stage G + H, semantic pseudo labels (docs/reference.md#stage-g-random-walk, docs/reference.md#stage-h-pseudo-label-evaluation): CAMs random-walked on the IRN boundary map.
 
 For each image: the IRN edge map of (image, flip) at full resolution, the stride-4 CAMs of ``cams/<id>.npz``
 walked with the sparse transition matrix (radius 5, β = 10, 2⁸ steps), upsampled, globally normalised and

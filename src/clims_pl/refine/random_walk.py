@@ -1,7 +1,7 @@
-"""Random walk of CAMs on the IRN boundary map (reference §9, ``indexing.propagate_to_edge``).
+"""Random walk of CAMs on the IRN boundary map (docs/reference.md#stage-g-random-walk, ``indexing.propagate_to_edge``).
 
 The reference builds a dense n×n transition matrix (n = h·w on the stride-4 grid, ~0.5 GB for a VOC image)
-and squares it ``exp_times`` = 8 times (quirk Q16). Each column of T has at most 2·D + 1 non-zeros (69 for
+and squares it ``exp_times`` = 8 times (quirk docs/reference.md#q16-dense-random-walk). Each column of T has at most 2·D + 1 non-zeros (69 for
 radius 5), so ``x · T^(2^8)`` is computed here as 256 sparse matrix-vector products — never an n×n matrix.
 In exact arithmetic both give the same result; :func:`propagate_to_edge_dense` keeps the reference path for
 tests and ``benchmarks/bench_random_walk.py``.
@@ -110,10 +110,10 @@ def propagate_to_edge_dense(
 def walk_to_label(
     walked: torch.Tensor, keys: np.ndarray, image_size: tuple[int, int], bg_threshold: float = 0.2
 ) -> np.ndarray:
-    """Semantic pseudo label from walked stride-4 maps (reference §9 after the walk).
+    """Semantic pseudo label from walked stride-4 maps (docs/reference.md#stage-g-random-walk after the walk).
 
     Upsample ×4 (bilinear, align_corners=False), crop to the image, divide by the GLOBAL max over all maps
-    (one scalar, quirk Q9), prepend a constant background plane ``bg_threshold``, argmax, map through
+    (one scalar, quirk docs/reference.md#q9-background-thresholds), prepend a constant background plane ``bg_threshold``, argmax, map through
     [0, keys + 1]. No 255 in the result. Maps whose global max is not positive give an all-background label.
 
     Args:

@@ -1,4 +1,4 @@
-"""DeepLab evaluation and test export (reference §11.5: ``main_v2.py test`` / ``crf``, ``eval.py``).
+"""DeepLab evaluation and test export (docs/reference.md#deeplab-test-and-crf: ``main_v2.py test`` / ``crf``, ``eval.py``).
 
 The network (eval mode: MSC max over scales 1, 0.5, 0.75, no flip) runs on the device; its stride-8 logits go to
 CPU worker processes that upsample them (bilinear), take the softmax argmax and, with the dense CRF (unary
@@ -6,7 +6,7 @@ CPU worker processes that upsample them (bilinear), take the softmax argmax and,
 reference ``scores()`` (mIoU over classes present in the ground truth); the test split is written as VOC
 palette PNGs in ``results/VOC2012/Segmentation/comp5_test_cls/`` and archived as ``results.tar.gz``.
 
-The reference CRF sees the mean-subtracted BGR input cast to uint8, so negative values wrap around (Q22).
+The reference CRF sees the mean-subtracted BGR input cast to uint8, so negative values wrap around (docs/reference.md#q22-deeplab-crf-image).
 ``crf.reference_bug=false`` (default) gives the CRF the true RGB image; ``true`` reproduces the wrapped image.
 """
 
@@ -46,7 +46,7 @@ RESULTS_SUBDIR = Path("results/VOC2012/Segmentation/comp5_test_cls")
 
 
 def crf_image(image: np.ndarray, reference_bug: bool) -> np.ndarray:
-    """The image the CRF's bilateral term sees: the RGB uint8 image, or (Q22) the reference's mean-subtracted
+    """The image the CRF's bilateral term sees: the RGB uint8 image, or (docs/reference.md#q22-deeplab-crf-image) the reference's mean-subtracted
     BGR float cast to uint8, negatives wrapping modulo 256 (what numpy's cast does on x86, made explicit)."""
     if not reference_bug:
         return image
