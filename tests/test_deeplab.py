@@ -14,11 +14,12 @@ from cam_fixtures import write_voc_root
 from PIL import Image
 
 from clims_pl.data.voc import VOC_PALETTE, save_label_png
+from clims_pl.metrics import deeplab_scores
 from clims_pl.models.deeplab import DeepLabV2
-from clims_pl.modules.seg import SegModule, balanced_cross_entropy, deeplab_scores, poly_step_factor, resize_labels
+from clims_pl.modules.seg import SegModule, balanced_cross_entropy, poly_step_factor, resize_labels
 from clims_pl.refine import seg_eval
-from clims_pl.refine.seg_eval import crf_image, evaluate_val, export_test
-from clims_pl.train import run as train_run
+from clims_pl.stages.seg_eval import crf_image, evaluate_val, export_test
+from clims_pl.stages.train import run as train_run
 
 
 def test_balanced_ce_by_hand() -> None:

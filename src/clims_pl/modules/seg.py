@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from clims_pl.metrics import deeplab_scores
 from clims_pl.models.deeplab import DeepLabV2
 
 
@@ -44,32 +44,6 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return labels
     resized = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")
     return resized[:, 0].long()
-
-
-def deeplab_scores(conf: np.ndarray) -> dict[str, Any]:
-    """The reference ``scores()`` from a (C, C) confusion (rows = ground truth).
-
-    mIoU is the nanmean of IoU over the classes **present in the ground truth** (§11.5), unlike the chainercv
-    mIoU of the CAM / pseudo-label evaluation.
-    """
-    hist = np.asarray(conf, dtype=np.float64)
-    diag, gt_sum, pred_sum, total = np.diag(hist), hist.sum(axis=1), hist.sum(axis=0), hist.sum()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = diag / (gt_sum + pred_sum - diag)
-        acc_cls = diag / gt_sum
-    present = gt_sum > 0
-    freq = gt_sum / max(total, 1.0)
-
-    def mean(values: np.ndarray) -> float | None:
-        return float(np.nanmean(values)) if np.isfinite(values).any() else None
-
-    return {
-        "pixel_accuracy": float(diag.sum() / total) if total else None,
-        "mean_accuracy": mean(acc_cls),
-        "fw_iou": float((freq[present] * iou[present]).sum()),
-        "miou": mean(iou[present]),
-        "class_iou": [None if np.isnan(v) else float(v) for v in iou],
-    }
 
 
 def poly_step_factor(step: int, max_steps: int, power: float, every: int) -> float:

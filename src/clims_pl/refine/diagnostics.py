@@ -27,7 +27,8 @@ from PIL import Image
 
 from clims_pl.cams import load_cam
 from clims_pl.data.transforms import pil_resize
-from clims_pl.evaluate import ground_truth, read_label_png
+from clims_pl.data.voc import read_label_png
+from clims_pl.evaluate import ground_truth
 from clims_pl.io import atomic_save_npz, atomic_write_json, atomic_write_text
 from clims_pl.metrics import (
     boundary_cells,

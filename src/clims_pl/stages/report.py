@@ -20,7 +20,7 @@ from clims_pl.io import atomic_write_text
 from clims_pl.pipeline import MANIFEST, read_manifest
 from clims_pl.runtime import prepare_run
 
-REFERENCE_FILE = Path(__file__).with_name("resources") / "paper_results.yaml"
+REFERENCE_FILE = Path(__file__).parents[1] / "resources" / "paper_results.yaml"
 
 
 def git_commit() -> str:
