@@ -178,7 +178,7 @@ def _ci_experiment(folder: Path, toy_root: Path) -> None:
     session's toy world, one inference scale, and the random tiny CLIP instead of training the toy CLIP."""
     probe = compose_config("reproduce", folder, ["experiment=toy_ablation", f"run_dir={folder}"])
     shrink: dict[str, dict] = {}
-    for name, node in probe.pipeline.stages.items():
+    for name in probe.pipeline.stages:
         pairs = (o.split("=", 1) for o in _tiny(name) if not o.startswith("clip."))
         shrink[name] = {key: yaml.safe_load(value) for key, value in pairs}
         shrink[name].update({"data.root": str(toy_root), "data.scales": [1.0]})

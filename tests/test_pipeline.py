@@ -20,10 +20,10 @@ from clims_pl.pipeline import (
     logger_overrides,
     run,
     run_pipeline,
-    run_scored,
     set_overrides,
 )
 from clims_pl.stages import REGISTRY, StageSpec
+from clims_pl.stages.reproduce import run_scored
 
 CALLS: Counter[str] = Counter()
 FAIL_ONCE: set[str] = set()

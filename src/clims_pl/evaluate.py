@@ -34,6 +34,7 @@ from clims_pl.metrics import (
     sweep_histogram,
 )
 from clims_pl.runtime import log_metrics
+from clims_pl.tables import percent
 
 log = logging.getLogger(__name__)
 
@@ -150,29 +151,25 @@ def evaluate_label_dir(
     }
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
 def metrics_markdown(result: dict[str, Any], title: str) -> str:
     """A markdown report: headline numbers, then per-class IoU (%)."""
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
     if result["kind"] == "cams":
         lines += [
-            f"| mIoU @ {result['threshold']:.2f} | {_pct(result['miou'])} |",
-            f"| best mIoU (threshold {result['best_threshold']:.2f}) | {_pct(result['best_miou'])} |",
+            f"| mIoU @ {result['threshold']:.2f} | {percent(result['miou'])} |",
+            f"| best mIoU (threshold {result['best_threshold']:.2f}) | {percent(result['best_miou'])} |",
         ]
     else:
-        lines.append(f"| mIoU | {_pct(result['miou'])} |")
+        lines.append(f"| mIoU | {percent(result['miou'])} |")
     lines += [
-        f"| fg precision | {_pct(result['fg_precision'])} |",
-        f"| fg recall | {_pct(result['fg_recall'])} |",
-        f"| among_predfg_bg | {_pct(result['among_predfg_bg'])} |",
+        f"| fg precision | {percent(result['fg_precision'])} |",
+        f"| fg recall | {percent(result['fg_recall'])} |",
+        f"| among_predfg_bg | {percent(result['among_predfg_bg'])} |",
         f"| images | {result['num_images']} |",
         "",
         "| class | IoU |",
         "|---|---|",
-        *(f"| {name} | {_pct(iou)} |" for name, iou in result["iou"].items()),
+        *(f"| {name} | {percent(iou)} |" for name, iou in result["iou"].items()),
     ]
     return "\n".join(lines) + "\n"
 

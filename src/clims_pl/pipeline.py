@@ -367,11 +367,6 @@ def objective(cfg: DictConfig, manifests: dict[str, dict[str, Any]]) -> float | 
     return float(value)
 
 
-def run_scored(cfg: DictConfig) -> float | None:
-    """``run`` whose return value is ``objective``: the entry an optimising sweeper (``+hparams_search=...``) needs."""
-    return objective(cfg, run(cfg))
-
-
 def finish_wandb_run() -> None:
     """Close the wandb run a stage left open (Lightning's WandbLogger never finishes it): the next stage's logger
     would otherwise adopt it and log into the previous stage's run."""
@@ -387,12 +382,8 @@ def _jsonable(result: Any) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig, probe: StageProbe | None = None) -> dict[str, dict[str, Any]]:
-    """Entry of ``clims-reproduce`` / ``clims-demo``: the stages of ``cfg.pipeline`` in ``cfg.run_dir``
-    (``preflight=true``: the same stages in miniature, see clims_pl.preflight)."""
-    if cfg.get("preflight"):
-        from clims_pl.preflight import run_preflight
-
-        return run_preflight(cfg)
+    """The stages of ``cfg.pipeline`` in ``cfg.run_dir`` (``clims-reproduce``, through :mod:`clims_pl.stages.reproduce`,
+    which also runs them in miniature first when ``preflight=true``)."""
     prepare_run(cfg)
     p = cfg.pipeline
     stages = stages_from_config(p, default_wandb_group(cfg))

@@ -42,6 +42,7 @@ from clims_pl.metrics import (
 )
 from clims_pl.refine.random_walk import propagate_to_edge, walk_to_label
 from clims_pl.runtime import log_metrics
+from clims_pl.tables import percent
 
 #: Per-image walk maps of ``<diag_dir>/<id>.npz`` (float16, (K, h, w)): IRN edges, oracle edges, no edges.
 WALKS = ("walked", "oracle", "no_edge")
@@ -159,10 +160,6 @@ def pseudo_diagnostics(
     return edges, walks
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -175,17 +172,17 @@ def ir_labels_markdown(result: dict[str, Any], title: str) -> str:
         "",
         "| metric | value (%) |",
         "|---|---|",
-        f"| confident foreground / background / unsure pixels | {_pct(frac['foreground'])} / "
-        f"{_pct(frac['background'])} / {_pct(frac['unsure'])} |",
-        f"| precision of the confident foreground (label = gt class) | {_pct(result['fg_precision'])} |",
-        f"| precision of the confident background | {_pct(result['bg_precision'])} |",
-        f"| recall: gt foreground / background pixels labelled right | {_pct(result['fg_recall'])} / "
-        f"{_pct(result['bg_recall'])} |",
+        f"| confident foreground / background / unsure pixels | {percent(frac['foreground'])} / "
+        f"{percent(frac['background'])} / {percent(frac['unsure'])} |",
+        f"| precision of the confident foreground (label = gt class) | {percent(result['fg_precision'])} |",
+        f"| precision of the confident background | {percent(result['bg_precision'])} |",
+        f"| recall: gt foreground / background pixels labelled right | {percent(result['fg_recall'])} / "
+        f"{percent(result['bg_recall'])} |",
         f"| images | {result['num_images']} |",
         "",
         "| class | share of pixels (%) | precision (%) |",
         "|---|---|---|",
-        *(f"| {n} | {_pct(v['fraction'])} | {_pct(v['precision'])} |" for n, v in result["per_class"].items()),
+        *(f"| {n} | {percent(v['fraction'])} | {percent(v['precision'])} |" for n, v in result["per_class"].items()),
     ]
     return "\n".join(lines) + "\n"
 
@@ -200,8 +197,8 @@ def edges_markdown(result: dict[str, Any], title: str) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        f"| boundary precision / recall / F (%) | {_pct(result['precision'])} / {_pct(result['recall'])} / "
-        f"{_pct(result['f'])} |",
+        f"| boundary precision / recall / F (%) | {percent(result['precision'])} / {percent(result['recall'])} / "
+        f"{percent(result['f'])} |",
         f"| mean edge: object interior / true boundary / background | {_num(mean['object_interior'])} / "
         f"{_num(mean['boundary'])} / {_num(mean['background'])} |",
         f"| images | {result['num_images']} |",
@@ -219,7 +216,7 @@ def walks_markdown(walks: dict[str, Any], irn_miou: float | None) -> str:
         "| labels | mIoU (%) | fg precision (%) | fg recall (%) |",
         "|---|---|---|---|",
         *(
-            f"| {name} | {_pct(r['miou'])} | {_pct(r.get('fg_precision'))} | {_pct(r.get('fg_recall'))} |"
+            f"| {name} | {percent(r['miou'])} | {percent(r.get('fg_precision'))} | {percent(r.get('fg_recall'))} |"
             for name, r in rows
         ),
     ]

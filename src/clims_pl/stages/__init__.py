@@ -45,7 +45,9 @@ REGISTRY: dict[str, StageSpec] = {
     "demo": StageSpec("demo", "clims_pl.stages.demo:run", "the toy demo's table: baseline CAM vs CLIMS and refinement"),
     "report": StageSpec("report", "clims_pl.stages.report:run", "the paper table: measured numbers beside the paper's"),
     "reproduce": StageSpec(
-        "reproduce", "clims_pl.pipeline:run_scored", "run an experiment's stages in order, skipping those up to date"
+        "reproduce",
+        "clims_pl.stages.reproduce:run_scored",
+        "run an experiment's stages in order, skipping those up to date",
     ),
 }
 

@@ -8,7 +8,6 @@ from typing import Any
 from omegaconf import DictConfig
 
 from clims_pl.evaluate import (
-    _pct,
     display_names,
     evaluate_cams,
     evaluate_label_dir,
@@ -19,6 +18,7 @@ from clims_pl.evaluate import (
 from clims_pl.io import atomic_write_json, atomic_write_text
 from clims_pl.provenance import identity
 from clims_pl.runtime import instantiate_group, log
+from clims_pl.tables import percent
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -55,5 +55,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_json(out_dir / f"{name}.json", result)
     atomic_write_text(out_dir / f"{name}.md", metrics_markdown(result, f"{name} on {cfg.eval.split}"))
     log_scalars(instantiate_group(cfg.get("logger")), result, name)
-    log.info("%s mIoU %s (written to %s)", name, _pct(result["miou"]), out_dir)
+    log.info("%s mIoU %s (written to %s)", name, percent(result["miou"]), out_dir)
     return result
