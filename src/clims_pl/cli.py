@@ -76,7 +76,8 @@ def command_help(command: str, stage: str, preset: Sequence[str] = ()) -> str:
         lines.append(f"  {group}: {', '.join(options)}")
     if pipeline:
         lines += ["", "flags:", *(f"  {flag} {arg:<6} {text}" for flag, (arg, text) in PIPELINE_FLAGS.items())]
-        lines.append(f"  stages an experiment can name (run: NAME): {', '.join(REGISTRY)}")
+        lines.append("  preflight=true  every stage in miniature first: time, memory and precision per stage")
+        lines.append(f"  stages an experiment can name (run: NAME): {', '.join(n for n in REGISTRY if n != stage)}")
     lines += [
         "",
         "more: --cfg job prints the composed config; --hydra-help lists Hydra's own options",
