@@ -126,7 +126,13 @@ def test_registry_entries_resolve() -> None:
         (
             cli.reproduce_main,
             ["clims-reproduce", "--help"],
-            ["clims-reproduce: run an experiment's stages", "--from STAGE", "--only A,B", "preflight=true", "paper_voc"],
+            [
+                "clims-reproduce: run an experiment's stages",
+                "--from STAGE",
+                "--only A,B",
+                "preflight=true",
+                "paper_voc",
+            ],
             ["toy_cam", "  model:"],
         ),
         (cli.demo_main, ["clims-demo", "--help"], ["clims-demo: ", "(preset: experiment=toy_demo)", "--from"], []),
