@@ -34,7 +34,7 @@ from clims_pl.metrics import (
     sweep_histogram,
 )
 from clims_pl.runtime import log_metrics
-from clims_pl.tables import percent
+from clims_pl.tables import markdown_table, percent
 
 log = logging.getLogger(__name__)
 
@@ -153,25 +153,22 @@ def evaluate_label_dir(
 
 def metrics_markdown(result: dict[str, Any], title: str) -> str:
     """A markdown report: headline numbers, then per-class IoU (%)."""
-    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
     if result["kind"] == "cams":
-        lines += [
-            f"| mIoU @ {result['threshold']:.2f} | {percent(result['miou'])} |",
-            f"| best mIoU (threshold {result['best_threshold']:.2f}) | {percent(result['best_miou'])} |",
+        rows = [
+            [f"mIoU @ {result['threshold']:.2f}", percent(result["miou"])],
+            [f"best mIoU (threshold {result['best_threshold']:.2f})", percent(result["best_miou"])],
         ]
     else:
-        lines.append(f"| mIoU | {percent(result['miou'])} |")
-    lines += [
-        f"| fg precision | {percent(result['fg_precision'])} |",
-        f"| fg recall | {percent(result['fg_recall'])} |",
-        f"| among_predfg_bg | {percent(result['among_predfg_bg'])} |",
-        f"| images | {result['num_images']} |",
-        "",
-        "| class | IoU |",
-        "|---|---|",
-        *(f"| {name} | {percent(iou)} |" for name, iou in result["iou"].items()),
+        rows = [["mIoU", percent(result["miou"])]]
+    rows += [
+        ["fg precision", percent(result["fg_precision"])],
+        ["fg recall", percent(result["fg_recall"])],
+        ["among_predfg_bg", percent(result["among_predfg_bg"])],
+        ["images", result["num_images"]],
     ]
-    return "\n".join(lines) + "\n"
+    per_class = [[name, percent(iou)] for name, iou in result["iou"].items()]
+    lines = [f"# {title}", "", *markdown_table(["metric", "value"], rows), ""]
+    return "\n".join(lines + markdown_table(["class", "IoU"], per_class)) + "\n"
 
 
 def log_scalars(loggers: Sequence[Any], result: dict[str, Any], prefix: str) -> None:

@@ -42,7 +42,7 @@ from clims_pl.metrics import (
 )
 from clims_pl.refine.random_walk import propagate_to_edge, walk_to_label
 from clims_pl.runtime import log_metrics
-from clims_pl.tables import percent
+from clims_pl.tables import markdown_table, percent
 
 #: Per-image walk maps of ``<diag_dir>/<id>.npz`` (float16, (K, h, w)): IRN edges, oracle edges, no edges.
 WALKS = ("walked", "oracle", "no_edge")
@@ -167,24 +167,22 @@ def _num(value: float | None) -> str:
 def ir_labels_markdown(result: dict[str, Any], title: str) -> str:
     """Headline shares and precisions (%), then one row per class."""
     frac = result["fraction"]
-    lines = [
-        f"# {title}",
-        "",
-        "| metric | value (%) |",
-        "|---|---|",
-        f"| confident foreground / background / unsure pixels | {percent(frac['foreground'])} / "
-        f"{percent(frac['background'])} / {percent(frac['unsure'])} |",
-        f"| precision of the confident foreground (label = gt class) | {percent(result['fg_precision'])} |",
-        f"| precision of the confident background | {percent(result['bg_precision'])} |",
-        f"| recall: gt foreground / background pixels labelled right | {percent(result['fg_recall'])} / "
-        f"{percent(result['bg_recall'])} |",
-        f"| images | {result['num_images']} |",
-        "",
-        "| class | share of pixels (%) | precision (%) |",
-        "|---|---|---|",
-        *(f"| {n} | {percent(v['fraction'])} | {percent(v['precision'])} |" for n, v in result["per_class"].items()),
+    rows = [
+        [
+            "confident foreground / background / unsure pixels",
+            f"{percent(frac['foreground'])} / {percent(frac['background'])} / {percent(frac['unsure'])}",
+        ],
+        ["precision of the confident foreground (label = gt class)", percent(result["fg_precision"])],
+        ["precision of the confident background", percent(result["bg_precision"])],
+        [
+            "recall: gt foreground / background pixels labelled right",
+            f"{percent(result['fg_recall'])} / {percent(result['bg_recall'])}",
+        ],
+        ["images", result["num_images"]],
     ]
-    return "\n".join(lines) + "\n"
+    per_class = [[n, percent(v["fraction"]), percent(v["precision"])] for n, v in result["per_class"].items()]
+    lines = [f"# {title}", "", *markdown_table(["metric", "value (%)"], rows), ""]
+    return "\n".join(lines + markdown_table(["class", "share of pixels (%)", "precision (%)"], per_class)) + "\n"
 
 
 def edges_markdown(result: dict[str, Any], title: str) -> str:
@@ -195,32 +193,28 @@ def edges_markdown(result: dict[str, Any], title: str) -> str:
         f"Predicted boundary: edge > {result['edge_threshold']}; matched within {result['tolerance_cells']} "
         "stride-4 cell(s) of a ground-truth class boundary.",
         "",
-        "| metric | value |",
-        "|---|---|",
-        f"| boundary precision / recall / F (%) | {percent(result['precision'])} / {percent(result['recall'])} / "
-        f"{percent(result['f'])} |",
-        f"| mean edge: object interior / true boundary / background | {_num(mean['object_interior'])} / "
-        f"{_num(mean['boundary'])} / {_num(mean['background'])} |",
-        f"| images | {result['num_images']} |",
     ]
-    return "\n".join(lines) + "\n"
+    rows = [
+        [
+            "boundary precision / recall / F (%)",
+            f"{percent(result['precision'])} / {percent(result['recall'])} / {percent(result['f'])}",
+        ],
+        [
+            "mean edge: object interior / true boundary / background",
+            f"{_num(mean['object_interior'])} / {_num(mean['boundary'])} / {_num(mean['background'])}",
+        ],
+        ["images", result["num_images"]],
+    ]
+    return "\n".join(lines + markdown_table(["metric", "value"], rows)) + "\n"
 
 
 def walks_markdown(walks: dict[str, Any], irn_miou: float | None) -> str:
     """The walk variants beside the pseudo labels' own score (IRN edges)."""
     rows = [("no walk (CAMs upsampled)", walks["no_walk"]), ("walk, no edges", walks["no_edge"])]
     rows += [("walk, IRN edges (the pseudo labels)", {"miou": irn_miou}), ("walk, oracle edges", walks["oracle_edge"])]
-    lines = [
-        "## Diagnostics (never used to make labels)",
-        "",
-        "| labels | mIoU (%) | fg precision (%) | fg recall (%) |",
-        "|---|---|---|---|",
-        *(
-            f"| {name} | {percent(r['miou'])} | {percent(r.get('fg_precision'))} | {percent(r.get('fg_recall'))} |"
-            for name, r in rows
-        ),
-    ]
-    return "\n".join(lines) + "\n"
+    header = ["labels", "mIoU (%)", "fg precision (%)", "fg recall (%)"]
+    cells = [[n, percent(r["miou"]), percent(r.get("fg_precision")), percent(r.get("fg_recall"))] for n, r in rows]
+    return "\n".join(["## Diagnostics (never used to make labels)", "", *markdown_table(header, cells)]) + "\n"
 
 
 def flat_scalars(result: dict[str, Any], prefix: str) -> dict[str, float]:
