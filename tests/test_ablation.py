@@ -43,7 +43,7 @@ def _fake_job(sweep: Path, folder: str, num: int, variant: str, metrics: dict | 
     labels = {"otm": "OTM", "otm_btm": "OTM+BTM", "otm_btm_reg_cbs": "OTM+BTM+REG+CBS"}
     _write_yaml(job / ".hydra" / "hydra.yaml", {"hydra": {"job": {"num": num}}})
     _write_yaml(job / ".hydra" / "overrides.yaml", ["experiment=toy_ablation", f"ablation={variant}"])
-    stage = {"config": "eval", "target": "clims_pl.evaluate:run"}
+    stage = {"run": "evaluate"}
     config = {
         "run_dir": str(job),
         "ablation": {"label": labels[variant]},
@@ -179,8 +179,8 @@ def _ci_experiment(folder: Path, toy_root: Path) -> None:
     session's toy world, one inference scale, and the random tiny CLIP instead of training the toy CLIP."""
     probe = compose_config("reproduce", folder, ["experiment=toy_ablation", f"run_dir={folder}"])
     shrink: dict[str, dict] = {}
-    for name, node in probe.pipeline.stages.items():
-        pairs = (o.split("=", 1) for o in _tiny(name, node.config) if not o.startswith("clip."))
+    for name in probe.pipeline.stages:
+        pairs = (o.split("=", 1) for o in _tiny(name) if not o.startswith("clip."))
         shrink[name] = {key: yaml.safe_load(value) for key, value in pairs}
         shrink[name].update({"data.root": str(toy_root), "data.scales": [1.0]})
     shrink["clims"].update({"clip": "tiny", "trainer.max_steps": 2})

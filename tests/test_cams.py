@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from cam_fixtures import write_voc_root
 from torch import nn
 
-from clims_pl.cams import CamFileError, load_cam, multiscale_cam, predict_cams, run, strided_size, strided_up_size
+from clims_pl.cams import CamFileError, load_cam, multiscale_cam, predict_cams, strided_size, strided_up_size
 from clims_pl.data.datamodule import MultiScaleDataset
 from clims_pl.data.voc import VOC_CLASSES, image_labels
 from clims_pl.models.cam_net import CAMNet
 from clims_pl.provenance import ProvenanceError
+from clims_pl.stages.cams import run
 
 SCALES = (1.0, 0.5, 1.5, 2.0)
 CPU = {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "devices": 1, "enable_progress_bar": False}

@@ -154,7 +154,7 @@ def test_a_payload_checkpoint_is_refused_by_every_loader_and_never_runs(
         with pytest.raises(CheckpointError, match=r"evil.ckpt: refused, the file holds pickled objects"):
             load()
         assert not marker.exists(), what
-    from clims_pl.train import run
+    from clims_pl.stages.train import run
 
     cfg = compose_cfg("train", ["experiment=toy_cam", *toy_overrides(toy_root), f"ckpt_path={evil}"])
     with pytest.raises(CheckpointError, match=r"ckpt_path=.*evil.ckpt: refused"):
@@ -181,7 +181,7 @@ def test_clims_pl_checkpoint_loads_weights_only_and_converted_file_round_trips(
     tmp_path: Path, toy_root: Path, compose_cfg
 ) -> None:
     """A real clims-train checkpoint holds plain containers only; clims-convert output loads like one."""
-    from clims_pl.train import run
+    from clims_pl.stages.train import run
 
     cfg = compose_cfg("train", ["experiment=toy_cam", *toy_overrides(toy_root), "trainer.max_steps=1"])
     run(cfg)

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from clims_pl.config import check_number
 from clims_pl.prompts.bank import PromptBankError
-from clims_pl.train import run
+from clims_pl.stages.train import run
 
 
 def _loss_error(compose_cfg, override: str) -> str:

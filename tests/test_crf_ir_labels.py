@@ -16,9 +16,9 @@ from PIL import Image
 
 from clims_pl.data.voc import VOC_PALETTE
 from clims_pl.provenance import ProvenanceError
-from clims_pl.refine import ir_labels
 from clims_pl.refine.crf import crf_inference_label, crf_inference_prob
 from clims_pl.refine.ir_labels import combine_ir_label, ir_label
+from clims_pl.stages import ir_labels
 
 
 def test_combination_rule_by_hand() -> None:

@@ -14,11 +14,13 @@ from cam_fixtures import write_voc_root
 from PIL import Image
 
 from clims_pl.data.voc import VOC_PALETTE, save_label_png
+from clims_pl.metrics import deeplab_scores
 from clims_pl.models.deeplab import DeepLabV2
-from clims_pl.modules.seg import SegModule, balanced_cross_entropy, deeplab_scores, poly_step_factor, resize_labels
-from clims_pl.refine import seg_eval
-from clims_pl.refine.seg_eval import crf_image, evaluate_val, export_test
-from clims_pl.train import run as train_run
+from clims_pl.modules.seg import SegModule, balanced_cross_entropy, resize_labels
+from clims_pl.optim import poly_factor
+from clims_pl.stages import seg_eval
+from clims_pl.stages.seg_eval import crf_image, evaluate_val, export_test
+from clims_pl.stages.train import run as train_run
 
 
 def test_balanced_ce_by_hand() -> None:
@@ -82,10 +84,14 @@ def test_resize_labels_is_pil_nearest() -> None:
 
 
 def test_poly_lr_updates_every_10_steps() -> None:
-    assert [poly_step_factor(t, 30000, 0.9, 10) for t in range(10)] == [1.0] * 10
-    assert poly_step_factor(10, 30000, 0.9, 10) == pytest.approx((1 - 10 / 30000) ** 0.9)
-    assert poly_step_factor(19, 30000, 0.9, 10) == poly_step_factor(10, 30000, 0.9, 10)
-    assert poly_step_factor(29995, 30000, 0.9, 10) == pytest.approx((1 - 29990 / 30000) ** 0.9)
+    def factor(t: int) -> float:
+        return poly_factor(t, 30000, 0.9, every=10, final_step=30000)
+
+    assert [factor(t) for t in range(10)] == [1.0] * 10
+    assert factor(10) == pytest.approx((1 - 10 / 30000) ** 0.9)
+    assert factor(19) == factor(10)
+    assert factor(29995) == pytest.approx((1 - 29990 / 30000) ** 0.9)
+    assert factor(30000) == factor(30007) == 0.0  # the reference PolynomialLR reaches 0 at iter_max
 
 
 def test_scores_average_classes_present_in_ground_truth() -> None:

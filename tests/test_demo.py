@@ -10,8 +10,8 @@ import pytest
 from conftest import TOY_PARAMS, compose_config
 from omegaconf import open_dict
 
-from clims_pl.demo import cobg_counts
 from clims_pl.pipeline import run
+from clims_pl.stages.demo import cobg_counts
 
 
 def test_cobg_counts_by_hand() -> None:
@@ -27,7 +27,7 @@ def test_cobg_counts_by_hand() -> None:
     np.testing.assert_array_equal(cobg_counts(pred, np.where(gt == 2, 0, gt), bg, [5, 7])[1], [0, 0])
 
 
-def _tiny(stage: str, config: str) -> list[str]:
+def _tiny(stage: str) -> list[str]:
     """CI-sized overrides per stage: small world, a few steps, small inputs."""
     data = [
         *(f"data.toy.{k}={v}" for k, v in TOY_PARAMS.items()),
@@ -73,7 +73,7 @@ def test_toy_demo_pipeline_at_ci_size(tmp_path: Path) -> None:
         stages = cfg.pipeline.stages
         stages.toyclip.outputs = ["${paths.cache_dir}/toyclip/tiny.pt"]
         for name, node in stages.items():
-            node.overrides = [*(node.get("overrides") or []), *_tiny(name, node.config)]
+            node.overrides = [*(node.get("overrides") or []), *_tiny(name)]
     manifests = run(cfg)
     assert all(m["finished"] for m in manifests.values())
     results = json.loads((Path(cfg.run_dir) / "demo" / "demo_results.json").read_text())

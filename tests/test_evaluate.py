@@ -12,8 +12,9 @@ from cam_fixtures import write_cam_files, write_voc_root
 
 from clims_pl.cams import CamFileError
 from clims_pl.data.voc import save_label_png
-from clims_pl.evaluate import evaluate_cams, evaluate_label_dir, run, sweep_thresholds
+from clims_pl.evaluate import evaluate_cams, evaluate_label_dir, sweep_thresholds
 from clims_pl.metrics import cam_prediction, miou_from_confusion, segmentation_confusion
+from clims_pl.stages.evaluate import run
 
 SHAPES = {"2007_000001": (23, 31), "2007_000002": (40, 17), "2007_000003": (16, 16)}
 

@@ -15,7 +15,7 @@ from clims_pl.data.affinity import AffinityDataset, affinity_labels
 from clims_pl.models.irn import IRNet
 from clims_pl.modules.irn import IRNModule, affinity_loss
 from clims_pl.refine.path_index import PathIndex
-from clims_pl.train import run as train_run
+from clims_pl.stages.train import run as train_run
 
 
 def test_affinity_labels_hand_counted() -> None:

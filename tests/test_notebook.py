@@ -10,7 +10,7 @@ import pytest
 from cam_fixtures import write_cam_files, write_voc_root
 from nbclient import NotebookClient
 
-from clims_pl.evaluate import run as run_eval
+from clims_pl.stages.evaluate import run as run_eval
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "cam_gallery.ipynb"
 

@@ -217,7 +217,7 @@ def test_reference_numbers(stage: str, paper_stages: tuple[DictConfig, dict[str,
 def test_report_rows_point_at_reference_metrics(paper_stages: tuple[DictConfig, dict[str, DictConfig]]) -> None:
     import yaml
 
-    from clims_pl.report import REFERENCE_FILE
+    from clims_pl.stages.report import REFERENCE_FILE
 
     _, stages = paper_stages
     reference = yaml.safe_load(REFERENCE_FILE.read_text())["metrics"]

@@ -20,9 +20,10 @@ from clims_pl.pipeline import (
     logger_overrides,
     run,
     run_pipeline,
-    run_scored,
     set_overrides,
 )
+from clims_pl.stages import REGISTRY, StageSpec
+from clims_pl.stages.reproduce import run_scored
 
 CALLS: Counter[str] = Counter()
 FAIL_ONCE: set[str] = set()
@@ -50,7 +51,8 @@ def _stages(seed_b: int = 1) -> list[Stage]:
 
 
 @pytest.fixture(autouse=True)
-def _reset() -> None:
+def _reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(REGISTRY, "fake", StageSpec("reproduce", "test_pipeline:fake_stage", "a test stage"))
     CALLS.clear()
     FAIL_ONCE.clear()
 
@@ -161,8 +163,7 @@ def _pipeline_cfg(tmp_path: Path, stages: dict, extra: tuple[str, ...] = ()) -> 
 
 def _fake(seed: int, after: tuple[str, ...] = (), **extra: object) -> dict:
     return {
-        "config": "reproduce",
-        "target": "test_pipeline:fake_stage",
+        "run": "fake",
         "after": list(after),
         "overrides": [f"seed={seed}"],
         "outputs": ["out.txt"],

@@ -12,7 +12,7 @@ from torch import nn
 
 from clims_pl.models.clip_evaluator import ClipEvaluator, clip_dtype, resolve_precision
 from clims_pl.prompts.bank import load_prompt_bank
-from clims_pl.train import run
+from clims_pl.stages.train import run
 
 TIMER = ["+callbacks.preflight_timer._target_=clims_pl.preflight.StepTimer"]
 BF16 = ["trainer.precision=bf16-mixed", "trainer.max_steps=2", "trainer.max_epochs=-1", "logger=csv", *TIMER]

@@ -14,8 +14,9 @@ from conftest import compose_config
 from omegaconf import OmegaConf, open_dict
 
 from clims_pl.data.voc import read_split
-from clims_pl.pipeline import compose_stage, config_hash, run, stages_from_config
+from clims_pl.pipeline import compose_stage, config_hash, stages_from_config
 from clims_pl.preflight import STEPS_FILE, split_sizes, subset_root, training_overlay, weights_overlay
+from clims_pl.stages.reproduce import run
 
 #: The real architectures at sizes two CPU cores train in seconds (crops, batches, workers, random-walk pad).
 CPU_SIZES = {

@@ -65,7 +65,7 @@ def _three_stages(root: Path) -> object:
                 stages[name] = None
                 cfg.pipeline.set.pop(name, None)
         for name in ("cam", "cams_cam", "eval_cam"):
-            stages[name].overrides = [*stages[name].overrides, *_tiny(name, stages[name].config)]
+            stages[name].overrides = [*stages[name].overrides, *_tiny(name)]
         stages.cams_cam.overrides.append("data.scales=[1.0]")
         stages.cam.overrides.append("trainer.log_every_n_steps=1")
     return cfg

@@ -13,7 +13,6 @@ from PIL import Image
 
 from clims_pl.models.irn import IRNet
 from clims_pl.provenance import ProvenanceError
-from clims_pl.refine import pseudo
 from clims_pl.refine.random_walk import (
     boundary_pairs,
     propagate_to_edge,
@@ -21,6 +20,7 @@ from clims_pl.refine.random_walk import (
     transition_matrix,
     walk_to_label,
 )
+from clims_pl.stages import pseudo
 
 
 def _inputs(seed: int, height: int, width: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

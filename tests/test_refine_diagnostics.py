@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from clims_pl.data.voc import save_label_png
-from clims_pl.demo import all_background_miou, refinement_diagnostics, refinement_table
 from clims_pl.metrics import (
     boundary_cells,
     boundary_counts,
@@ -24,6 +23,7 @@ from clims_pl.metrics import (
 )
 from clims_pl.refine.diagnostics import diagnostic_walks, gt_boundary
 from clims_pl.refine.random_walk import walk_to_label
+from clims_pl.stages.demo import all_background_miou, refinement_diagnostics, refinement_table
 
 
 def test_boundary_cells_by_hand() -> None:

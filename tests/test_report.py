@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clims_pl.report import run
+from clims_pl.stages.report import run
 
 
 def test_report_reads_manifests(tmp_path: Path, compose_cfg) -> None:

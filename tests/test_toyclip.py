@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from clims_pl.models.clip_evaluator import register_tiny_configs
+from clims_pl.stages.toyclip import run
 from clims_pl.toyclip import (
     _sampler,
     ensure_toyclip,
     evidence,
     multi_positive_loss,
     range_loss,
-    run,
     to_clip_size,
     toy_concepts,
 )
@@ -106,7 +106,7 @@ def test_ci_run_checkpoint_cache_determinism_and_clip_config(compose_cfg, tmp_pa
 
     # Cache hit: no training, file untouched, and the stored metrics of this checkpoint are reused (no eval).
     mtime = ckpt.stat().st_mtime_ns
-    monkeypatch.setattr("clims_pl.toyclip.evaluate_toyclip", lambda *a: pytest.fail("re-evaluated a cache hit"))
+    monkeypatch.setattr("clims_pl.stages.toyclip.evaluate_toyclip", lambda *a: pytest.fail("re-evaluated a cache hit"))
     second = run(cfg)
     assert second["training"]["trained"] is False and ckpt.stat().st_mtime_ns == mtime
     assert second["object_alone_acc"] == first["object_alone_acc"]

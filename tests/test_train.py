@@ -19,7 +19,7 @@ from conftest import toy_overrides
 from hydra.utils import instantiate
 
 from clims_pl.runtime import remove_unused_run_dir
-from clims_pl.train import run
+from clims_pl.stages.train import run
 
 TOY_CAM = ["experiment=toy_cam", "trainer.enable_progress_bar=false", "logger=csv", "trainer.log_every_n_steps=1"]
 

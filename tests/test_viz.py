@@ -12,7 +12,8 @@ from PIL import Image
 
 from clims_pl.data.voc import VOC_PALETTE, save_label_png
 from clims_pl.refine.diagnostics import save_diag
-from clims_pl.viz import GAP, TITLE_HEIGHT, heat_overlay, overlay_panel, pick_ids, refinement_panel, run
+from clims_pl.stages.viz import run
+from clims_pl.viz import GAP, TITLE_HEIGHT, heat_overlay, overlay_panel, pick_ids, refinement_panel
 
 NAMES = ["background", *(f"class{i}" for i in range(1, 21))]
 

@@ -16,8 +16,6 @@ false-activation rate. Rows keep the sweep's job order, so a sweep declared in t
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clims_pl.io import atomic_write_text
 from clims_pl.pipeline import Stage, finish_wandb_run, read_manifest
+from clims_pl.tables import csv_text, fmt, markdown_table
 
 TABLE_MD = "ablation.md"
 TABLE_CSV = "ablation.csv"
@@ -129,12 +128,6 @@ def _pct(value: Any) -> float:
     return 100.0 * float(value) if isinstance(value, int | float) else math.nan
 
 
-def _fmt(value: Any, digits: int = 1) -> str:
-    if isinstance(value, float):
-        return "—" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
 def render_markdown(title: str, rows: list[dict[str, Any]], settings: list[str], sweep_dir: Path) -> str:
     """The table as in the paper's ablation: one row per setting, CAM mIoU at the best and the reference threshold."""
     thresholds = {r["threshold"] for r in rows if not math.isnan(r["threshold"])}
@@ -143,23 +136,15 @@ def render_markdown(title: str, rows: list[dict[str, Any]], settings: list[str],
     header = ["job", *settings, "CAM mIoU best (thr)", f"CAM mIoU {ref}"]
     header += ["co-occurring-bg false activation (%)"] if with_cobg else []
     lines = [f"# {title}", "", f"sweep `{sweep_dir}`, {len(rows)} jobs", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table = []
     for r in rows:
-        cells = [str(r["job"]), *(_fmt(r[s], 4) for s in settings)]
-        cells += [f"{_fmt(r['miou_best'])} ({_fmt(r['best_threshold'], 2)})", _fmt(r["miou"])]
-        cells += [_fmt(r["cobg_fa"])] if with_cobg else []
+        cells = [str(r["job"]), *(fmt(r[s], 4) for s in settings)]
+        cells += [f"{fmt(r['miou_best'])} ({fmt(r['best_threshold'], 2)})", fmt(r["miou"])]
+        cells += [fmt(r["cobg_fa"])] if with_cobg else []
         if r["status"] != "ok":
             cells[0] += f" ({r['status']})"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def render_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+        table.append(cells)
+    return "\n".join(lines + markdown_table(header, table)) + "\n"
 
 
 def wandb_target(jobs: Sequence[Job]) -> dict[str, Any] | None:
@@ -218,7 +203,7 @@ def aggregate(
     title = ((first.get("ablation_sweep") or {}).get("title") if first is not None else None) or sweep_dir.name
     md = render_markdown(title, rows, [_column(k) for k in keys], sweep_dir)
     atomic_write_text(sweep_dir / TABLE_MD, md)
-    atomic_write_text(sweep_dir / TABLE_CSV, render_csv(rows))
+    atomic_write_text(sweep_dir / TABLE_CSV, csv_text(rows))
     print(md)
     target = wandb_target(jobs) if use_wandb else None
     wandb_run = log_wandb_table(rows, target, sweep_dir, title) if target else None

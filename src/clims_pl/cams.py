@@ -14,8 +14,6 @@ corrupt ones; under DDP Lightning's unrepeated distributed sampler gives every i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -30,15 +28,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from clims_pl.io import atomic_save_npz, atomic_write_json, remove_stale_temps
-from clims_pl.models.checkpoint import load_net
-from clims_pl.provenance import claim, identity
-from clims_pl.runtime import prepare_run
+from clims_pl.io import atomic_save_npz, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -225,36 +219,3 @@ def predict_cams(
         "skipped": len(ids) - len(todo),
         "wall_time_s": time.perf_counter() - start,
     }
-
-
-def run(cfg: DictConfig) -> Path:
-    """``clims-infer``: CAMs of ``infer.split`` from checkpoint ``ckpt`` into ``infer.out_dir``; returns it.
-
-    The folder is claimed for this checkpoint (its content hash), split, scales and network: a rerun of the same
-    resumes, CAMs of another checkpoint there are refused unless ``overwrite=true`` (which recomputes them all).
-    """
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        raise ValueError("ckpt is required: clims-infer ckpt=<train run>/checkpoints/last.ckpt (or a state dict)")
-    prepare_run(cfg)
-    out_dir = Path(cfg.infer.out_dir)
-    inputs = {
-        "ckpt": str(Path(cfg.ckpt).resolve()),
-        "split": cfg.infer.split,
-        "scales": list(cfg.data.scales),
-        "net": OmegaConf.to_container(cfg.model.net, resolve=True),
-    }
-    record = {**inputs, "ckpt": identity(cfg.ckpt)}
-    net = load_net(cfg.model.net, cfg.ckpt)
-    claim(out_dir, record, what="CAMs", owned=("*.npz", "manifest.json"), overwrite=bool(cfg.get("overwrite")))
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()  # generates the toy world when data=toy
-    dataset = datamodule.predict_dataset(cfg.infer.split)
-    stats = predict_cams(
-        net, dataset, out_dir, cfg.trainer, batch_size=cfg.infer.batch_size, num_workers=cfg.infer.num_workers
-    )
-    if rank_zero_only.rank == 0:  # a re-launched DDP job runs this on every rank
-        config_hash = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-        manifest = {"stage": "cams", "finished": True, "config_hash": config_hash, **inputs, **stats}
-        atomic_write_json(out_dir / "manifest.json", manifest)
-    log.info("CAMs: %s", json.dumps(stats))
-    return out_dir

@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 from tqdm import tqdm
 
 from clims_pl.cams import load_cam
-from clims_pl.io import atomic_write_json, atomic_write_text
+from clims_pl.data.voc import read_label_png
 from clims_pl.metrics import (
     miou_from_confusion,
     pair_confusion,
@@ -35,7 +33,8 @@ from clims_pl.metrics import (
     sweep_confusions,
     sweep_histogram,
 )
-from clims_pl.provenance import identity
+from clims_pl.runtime import log_metrics
+from clims_pl.tables import markdown_table, percent
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +127,6 @@ def evaluate_cams(
     }
 
 
-def read_label_png(path: str | os.PathLike) -> np.ndarray:
-    """(H, W) uint8 indices of a palette or grey-level label PNG, with a clear error when missing or RGB."""
-    from clims_pl.data.voc import decode_image
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: label PNG missing; run the stage that writes this folder first")
-    return decode_image(path, path.stem, index=True)
-
-
 def evaluate_label_dir(
     label_dir: str | os.PathLike,
     gt_root: str | os.PathLike,
@@ -166,31 +155,24 @@ def evaluate_label_dir(
     }
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
 def metrics_markdown(result: dict[str, Any], title: str) -> str:
     """A markdown report: headline numbers, then per-class IoU (%)."""
-    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
     if result["kind"] == "cams":
-        lines += [
-            f"| mIoU @ {result['threshold']:.2f} | {_pct(result['miou'])} |",
-            f"| best mIoU (threshold {result['best_threshold']:.2f}) | {_pct(result['best_miou'])} |",
+        rows = [
+            [f"mIoU @ {result['threshold']:.2f}", percent(result["miou"])],
+            [f"best mIoU (threshold {result['best_threshold']:.2f})", percent(result["best_miou"])],
         ]
     else:
-        lines.append(f"| mIoU | {_pct(result['miou'])} |")
-    lines += [
-        f"| fg precision | {_pct(result['fg_precision'])} |",
-        f"| fg recall | {_pct(result['fg_recall'])} |",
-        f"| among_predfg_bg | {_pct(result['among_predfg_bg'])} |",
-        f"| images | {result['num_images']} |",
-        "",
-        "| class | IoU |",
-        "|---|---|",
-        *(f"| {name} | {_pct(iou)} |" for name, iou in result["iou"].items()),
+        rows = [["mIoU", percent(result["miou"])]]
+    rows += [
+        ["fg precision", percent(result["fg_precision"])],
+        ["fg recall", percent(result["fg_recall"])],
+        ["among_predfg_bg", percent(result["among_predfg_bg"])],
+        ["images", result["num_images"]],
     ]
-    return "\n".join(lines) + "\n"
+    per_class = [[name, percent(iou)] for name, iou in result["iou"].items()]
+    lines = [f"# {title}", "", *markdown_table(["metric", "value"], rows), ""]
+    return "\n".join(lines + markdown_table(["class", "IoU"], per_class)) + "\n"
 
 
 def log_scalars(loggers: Sequence[Any], result: dict[str, Any], prefix: str) -> None:
@@ -198,50 +180,4 @@ def log_scalars(loggers: Sequence[Any], result: dict[str, Any], prefix: str) -> 
     keys = ("miou", "best_miou", "best_threshold", "fg_precision", "fg_recall", "among_predfg_bg")
     scalars = {f"{prefix}/{k}": result[k] for k in keys if result.get(k) is not None}
     scalars.update({f"{prefix}/iou/{name}": v for name, v in result["iou"].items() if v is not None})
-    for logger in loggers:
-        logger.log_metrics(scalars, step=0)
-        logger.save()
-        logger.finalize("success")
-
-
-def instantiate_loggers(cfg: DictConfig) -> list[Any]:
-    """The loggers of ``cfg.logger`` (a mapping name → logger config); none when absent."""
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """``clims-eval``: CAMs of ``eval.cam_dir`` (or label PNGs of ``eval.labels``) against ``eval.split``."""
-    from clims_pl.data.voc import read_split
-
-    names = display_names(cfg.data.classes, cfg.data.get("prompts"))
-    ids = read_split(cfg.data.root, cfg.eval.split)
-    if cfg.eval.labels:
-        label_dir = Path(cfg.eval.labels)
-        name = label_dir.name
-        result = evaluate_label_dir(label_dir, cfg.data.root, ids, names, progress=True)
-    else:
-        name = "cams"
-        cam_dir = Path(cfg.eval.cam_dir)
-        if not cam_dir.is_dir():
-            raise FileNotFoundError(f"eval.cam_dir={cam_dir} does not exist: pass run_dir=<a clims-infer run dir>")
-        sweep = cfg.eval.sweep
-        grid = sweep_thresholds(sweep.start, sweep.stop, sweep.step)
-        result = evaluate_cams(
-            cam_dir,
-            cfg.data.root,
-            ids,
-            grid,
-            cfg.eval.threshold,
-            names,
-            progress=True,
-            num_threads=cfg.eval.num_threads,
-        )
-    source = str(cfg.eval.labels or cfg.eval.cam_dir)
-    # What was evaluated: the folder's provenance record (which checkpoint, which CAMs), not just its path.
-    result.update(split=cfg.eval.split, gt_root=str(cfg.data.root), source=source, source_id=identity(source))
-    out_dir = Path(cfg.eval.out_dir)
-    atomic_write_json(out_dir / f"{name}.json", result)
-    atomic_write_text(out_dir / f"{name}.md", metrics_markdown(result, f"{name} on {cfg.eval.split}"))
-    log_scalars(instantiate_loggers(cfg), result, name)
-    log.info("%s mIoU %s (written to %s)", name, _pct(result["miou"]), out_dir)
-    return result
+    log_metrics(loggers, scalars, step=0, finalize=True)

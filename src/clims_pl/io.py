@@ -102,3 +102,9 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def pending_pngs(ids: list[str], out_dir: Path, suffix: str = ".png") -> list[str]:
+    """Ids without ``<out_dir>/<id><suffix>``; temp files of a killed writer (atomic writes) are removed first."""
+    remove_stale_temps(out_dir)
+    return [i for i in ids if not (out_dir / f"{i}{suffix}").is_file()]

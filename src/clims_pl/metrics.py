@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -324,3 +325,29 @@ def boundary_scores(counts: np.ndarray) -> dict:
     else:
         f = 2 * precision * recall / (precision + recall)
     return {"precision": precision, "recall": recall, "f": f}
+
+
+def deeplab_scores(conf: np.ndarray) -> dict[str, Any]:
+    """The reference ``scores()`` from a (C, C) confusion (rows = ground truth).
+
+    mIoU is the nanmean of IoU over the classes **present in the ground truth** (docs/reference.md#deeplab-test-and-crf), unlike the chainercv
+    mIoU of the CAM / pseudo-label evaluation.
+    """
+    hist = np.asarray(conf, dtype=np.float64)
+    diag, gt_sum, total = np.diag(hist), hist.sum(axis=1), hist.sum()
+    iou = iou_from_confusion(conf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        acc_cls = diag / gt_sum
+    present = gt_sum > 0
+    freq = gt_sum / max(total, 1.0)
+
+    def mean(values: np.ndarray) -> float | None:
+        return float(np.nanmean(values)) if np.isfinite(values).any() else None
+
+    return {
+        "pixel_accuracy": float(diag.sum() / total) if total else None,
+        "mean_accuracy": mean(acc_cls),
+        "fw_iou": float((freq[present] * iou[present]).sum()),
+        "miou": mean(iou[present]),
+        "class_iou": [None if np.isnan(v) else float(v) for v in iou],
+    }

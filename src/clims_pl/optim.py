@@ -17,10 +17,15 @@ if TYPE_CHECKING:
     from clims_pl.models.cam_net import CAMNet
 
 
-def poly_factor(step: int, max_steps: int, power: float) -> float:
-    """lr multiplier before update ``step`` (0-based): (1 − t/T)^power; frozen at its last value once t ≥ T."""
-    step = min(step, max_steps - 1)
-    return (1.0 - step / max_steps) ** power
+def poly_factor(step: int, max_steps: int, power: float, every: int = 1, final_step: int | None = None) -> float:
+    """lr multiplier before update ``step`` (0-based): (1 − k/T)^power, k = ``step`` rounded down to a multiple of
+    ``every`` and frozen from ``final_step`` on.
+
+    CAM/CLIMS (reference ``PolyOptimizer``): every step, frozen at T − 1 (the default). DeepLab (reference
+    ``PolynomialLR``): ``every=10``, ``final_step=T`` (the factor reaches 0 at T).
+    """
+    k = min(step // every * every, max_steps - 1 if final_step is None else final_step)
+    return (1.0 - k / max_steps) ** power
 
 
 def poly_sgd(
@@ -31,18 +36,21 @@ def poly_sgd(
     reference_momentum_bug: bool = True,
     poly_power: float = 0.9,
     max_steps: int,
+    every: int = 1,
+    final_step: int | None = None,
 ) -> dict[str, Any]:
     """SGD + per-step poly schedule, as a ``configure_optimizers`` return value.
 
-    Each group carries its own ``lr`` (backbone 1×, classifier 10× in the reference); weight decay is coupled L2 on
-    every group, as in the reference.
+    Each group carries its own ``lr`` (backbone 1×, classifier 10× in the reference) and may carry its own
+    ``weight_decay`` (else ``weight_decay``: coupled L2 on every group, as in the reference); ``every`` and
+    ``final_step`` as in :func:`poly_factor`.
     """
     if max_steps <= 0:
         raise ValueError(f"poly schedule needs max_steps > 0, got {max_steps} (is the train dataloader empty?)")
     groups = [{**g, "weight_decay": g.get("weight_decay", weight_decay)} for g in param_groups if g["params"]]
     effective_momentum = weight_decay if reference_momentum_bug else momentum
     optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=effective_momentum)
-    scheduler = LambdaLR(optimizer, lambda t: poly_factor(t, max_steps, poly_power))
+    scheduler = LambdaLR(optimizer, lambda t: poly_factor(t, max_steps, poly_power, every, final_step))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 

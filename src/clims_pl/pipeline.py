@@ -1,7 +1,7 @@
 """`clims-reproduce`: the paper's pipeline as a chain of resumable stages that exchange artifacts on disk.
 
-A stage is an ordinary entry point (``clims-train``, ``clims-infer``, ``clims-eval`` ...) run on a config composed from
-its own root config plus overrides, with its outputs under ``<run_dir>/<stage>/``. After it finishes, the stage writes
+A stage is an ordinary entry point (``clims-train``, ``clims-infer``, ``clims-eval`` ...), named by its registry
+name (``run: cams``, :data:`clims_pl.stages.REGISTRY`), run on a config composed from its root config plus overrides, with its outputs under ``<run_dir>/<stage>/``. After it finishes, the stage writes
 ``manifest.json``: the hash of its resolved config, the fingerprints of the artifacts it consumed (its dependencies'
 outputs) and of those it produced, wall time and metrics. On the next run a stage is skipped when all of those still
 match, so
@@ -49,6 +49,7 @@ from clims_pl.config import CONF_DIR
 from clims_pl.io import atomic_write_json
 from clims_pl.provenance import claim, config_hash, fingerprint
 from clims_pl.runtime import prepare_run
+from clims_pl.stages import REGISTRY, stage_spec
 
 MANIFEST = "manifest.json"
 console = Console()
@@ -61,8 +62,8 @@ class Stage:
     """One step of the pipeline: which entry point, with which overrides, after which stages."""
 
     name: str
-    config: str  # root config name in conf/ (train, infer, eval, ...)
-    target: str  # "module:function" taking the composed config
+    config: str  # root config name in conf/ (train, infer, eval, ...), from the stage's registry entry
+    target: str  # "module:function" taking the composed config, from the stage's registry entry
     after: tuple[str, ...]
     overrides: tuple[str, ...]
     outputs: tuple[str, ...]  # paths (relative to the stage dir) whose fingerprints define the stage's result
@@ -70,10 +71,17 @@ class Stage:
 
     @classmethod
     def from_config(cls, name: str, node: DictConfig, extra: Iterable[str] = ()) -> Stage:
-        """``pipeline.stages.<name>``; ``extra`` overrides (pipeline.set, logger) come after the stage's own."""
-        unknown = set(node) - {"config", "target", "after", "overrides", "outputs", "dir"}
+        """``pipeline.stages.<name>``; ``extra`` overrides (pipeline.set, logger) come after the stage's own.
+
+        ``run`` names the registry entry (:data:`clims_pl.stages.REGISTRY`) that gives the root config and entry
+        point; without it the stage's own name is looked up (``pseudo``, ``report`` ...)."""
+        unknown = set(node) - {"run", "after", "overrides", "outputs", "dir"}
         if unknown:
-            raise ValueError(f"pipeline.stages.{name}: unknown keys {sorted(unknown)}")
+            raise ValueError(
+                f"pipeline.stages.{name}: unknown keys {sorted(unknown)}; a stage names what it runs with "
+                f"`run: <stage>` (one of {', '.join(REGISTRY)}) plus after/overrides/outputs/dir"
+            )
+        spec = stage_spec(str(node.get("run") or name), f"pipeline.stages.{name}.run")
         folder = node.get("dir")
         if folder is not None and not Path(folder).is_absolute():
             raise ValueError(
@@ -81,8 +89,8 @@ class Stage:
             )
         return cls(
             name=name,
-            config=node.config,
-            target=node.target,
+            config=spec.config,
+            target=spec.target,
             after=tuple(node.get("after") or ()),
             overrides=(*(str(o) for o in node.get("overrides") or ()), *extra),
             outputs=tuple(node.get("outputs") or ()),
@@ -192,10 +200,15 @@ def stages_from_config(pipeline: DictConfig, default_group: str | None = None) -
         Stage.from_config(
             name,
             node,
-            [*set_overrides(settings.get(name) or {}), *logger_overrides(node.config, logger, group)],
+            [*set_overrides(settings.get(name) or {}), *logger_overrides(stage_config(name, node), logger, group)],
         )
         for name, node in nodes.items()
     ]
+
+
+def stage_config(name: str, node: DictConfig) -> str:
+    """The root config of ``pipeline.stages.<name>`` (its registry entry's)."""
+    return stage_spec(str(node.get("run") or name), f"pipeline.stages.{name}.run").config
 
 
 def compose_stage(stage: Stage, stage_dir: Path, root_dir: Path, common: Iterable[str]) -> DictConfig:
@@ -354,11 +367,6 @@ def objective(cfg: DictConfig, manifests: dict[str, dict[str, Any]]) -> float | 
     return float(value)
 
 
-def run_scored(cfg: DictConfig) -> float | None:
-    """``run`` whose return value is ``objective``: the entry an optimising sweeper (``+hparams_search=...``) needs."""
-    return objective(cfg, run(cfg))
-
-
 def finish_wandb_run() -> None:
     """Close the wandb run a stage left open (Lightning's WandbLogger never finishes it): the next stage's logger
     would otherwise adopt it and log into the previous stage's run."""
@@ -374,12 +382,8 @@ def _jsonable(result: Any) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig, probe: StageProbe | None = None) -> dict[str, dict[str, Any]]:
-    """Entry of ``clims-reproduce`` / ``clims-demo``: the stages of ``cfg.pipeline`` in ``cfg.run_dir``
-    (``preflight=true``: the same stages in miniature, see clims_pl.preflight)."""
-    if cfg.get("preflight"):
-        from clims_pl.preflight import run_preflight
-
-        return run_preflight(cfg)
+    """The stages of ``cfg.pipeline`` in ``cfg.run_dir`` (``clims-reproduce``, through :mod:`clims_pl.stages.reproduce`,
+    which also runs them in miniature first when ``preflight=true``)."""
     prepare_run(cfg)
     p = cfg.pipeline
     stages = stages_from_config(p, default_wandb_group(cfg))

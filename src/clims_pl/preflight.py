@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from clims_pl.data.voc import VOC_CLASSES, read_split, validate_voc_root
 from clims_pl.io import atomic_write_json, atomic_write_text
 from clims_pl.pipeline import Stage, compose_stage, console, default_wandb_group, run, stages_from_config
+from clims_pl.stages import REGISTRY, stage_spec
 
 #: Real VOC2012 + SBD split sizes (docs/reference.md#image-lists): what the estimates use when ``data.root`` holds fewer images.
 VOC_SPLIT_SIZES = {"train_aug": 10_582, "train": 1_464, "val": 1_449}
@@ -48,11 +49,11 @@ VOC_SPLIT_SIZES = {"train_aug": 10_582, "train": 1_464, "val": 1_449}
 STEPS_FILE = "preflight_steps.json"
 #: Per-image stages: entry point → config key of the split they go through.
 PER_IMAGE_SPLIT = {
-    "clims_pl.cams:run": "infer.split",
-    "clims_pl.evaluate:run": "eval.split",
-    "clims_pl.refine.ir_labels:run": "ir_labels.split",
-    "clims_pl.refine.pseudo:run": "pseudo.split",
-    "clims_pl.refine.seg_eval:run": "seg_eval.val_split",
+    REGISTRY["cams"].target: "infer.split",
+    REGISTRY["evaluate"].target: "eval.split",
+    REGISTRY["ir_labels"].target: "ir_labels.split",
+    REGISTRY["pseudo"].target: "pseudo.split",
+    REGISTRY["seg_eval"].target: "seg_eval.val_split",
 }
 WEIGHTS = ("auto", "pretrained", "random")
 
@@ -376,7 +377,7 @@ def miniature(
         overlay[name], said[name] = {}, []
         if not torch.cuda.is_available() and OmegaConf.select(stage_cfg, "trainer.accelerator") in ("gpu", "cuda"):
             overlay[name]["trainer.accelerator"] = "cpu"  # no GPU here: check everything else on the CPU
-        if cfg.pipeline.stages[name].target == "clims_pl.train:run":
+        if stage_spec(str(cfg.pipeline.stages[name].get("run") or name)) is REGISTRY["train"]:
             weights, said[name] = weights_overlay(stage_cfg, str(cfg.preflight_weights))
             train_images = len(read_split(data_root, str(stage_cfg.data.train_split)))
             overlay[name].update(training_overlay(stage_cfg, train_images, int(cfg.preflight_steps)), **weights)

@@ -61,6 +61,11 @@ def identity(path: str | Path) -> str:
     return "missing"
 
 
+def digest(record: Any) -> str:
+    """16-hex sha256 of a JSON-ready record (keys sorted): the identity of what a result was made from."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def config_hash(cfg: DictConfig, ignore: Sequence[str] = ("logger",)) -> str:
     """Hash of the resolved config without the dotted keys of ``ignore`` (where a run logs, how often it saves ...
     do not change what it produces)."""

@@ -6,6 +6,7 @@ import csv
 import logging
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,23 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def log_metrics(loggers: list[Logger], metrics: dict[str, float], step: int | None = None) -> None:
-    """Send stage metrics (mIoU, thresholds ...) to every configured logger and finalise them."""
+def log_metrics(
+    loggers: Sequence[Logger], metrics: dict[str, float], step: int | None = None, finalize: bool = False
+) -> None:
+    """Send stage metrics (mIoU, thresholds ...) to every configured logger and save them; ``finalize`` closes the
+    loggers too (a stage that logs once; one that logs several results keeps them open)."""
     for logger in loggers:
         logger.log_metrics(metrics, step=step)
         logger.save()
+        if finalize:
+            logger.finalize("success")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → the first CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 class _ResumingWriter(ExperimentWriter):
@@ -105,7 +118,7 @@ class _ResumingWriter(ExperimentWriter):
 
 class ResumableCSVLogger(CSVLogger):
     """CSVLogger whose ``metrics.csv`` survives a resume: rows logged before the checkpoint are kept, rows after it
-    are replaced by the resumed run's. A fresh start deletes the file first (``clims_pl.train.run``)."""
+    are replaced by the resumed run's. A fresh start deletes the file first (``clims_pl.stages.train.run``)."""
 
     @property
     @rank_zero_experiment

@@ -51,7 +51,6 @@ measured through :class:`~clims_pl.models.clip_evaluator.ClipEvaluator`, i.e. th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -72,7 +71,8 @@ from clims_pl.data.transforms import imagenet_normalize, train_transform
 from clims_pl.io import atomic_path, atomic_write_json
 from clims_pl.models.clip_evaluator import CONFIG_DIR, ClipEvaluator, clip_input_size, register_tiny_configs
 from clims_pl.prompts.bank import PromptBank, load_prompt_bank
-from clims_pl.runtime import log, prepare_run
+from clims_pl.provenance import digest
+from clims_pl.runtime import log
 
 #: Concept-map code of a pixel that shows no concept (canvas, wall, sand); crop padding is 255 (IGNORE_INDEX).
 NO_CONCEPT = 254
@@ -496,7 +496,7 @@ def config_hash(cfg: DictConfig) -> str:
         "train": train,
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
     }
-    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(keyed)
 
 
 def ensure_toyclip(cfg: DictConfig) -> dict[str, Any]:
@@ -611,54 +611,3 @@ def _perfect_cams(scenes: Sequence[Any], concepts: Concepts, stride: int) -> tor
         (masks >= 1) & (masks <= len(TOY_CLASSES)), world_to_bank[(masks - 1).clamp(0, len(TOY_CLASSES) - 1)], -1
     )
     return concept_regions(codes, concepts.num_classes, cells)
-
-
-# ----------------------------------------------------------------------------------------------------- run
-def _eval_config(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg.eval, resolve=True)
-
-
-def _cached_metrics(cfg: DictConfig, record: dict[str, Any]) -> dict[str, Any] | None:
-    """The metrics file of this very checkpoint and eval config, if present: a cache hit then costs no eval
-    (the evaluation takes ~30 s of the demo's 15-minute budget)."""
-    path = Path(cfg.metrics)
-    if record["trained"] or not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
-    training = metrics.get("training", {})
-    same = (training.get("config_hash"), training.get("checkpoint"), metrics.get("eval_config")) == (
-        record["config_hash"],
-        record["checkpoint"],
-        _eval_config(cfg),
-    )
-    if same:
-        log.info("toyclip: metrics of this checkpoint read from %s: not re-evaluating", path)
-    return {**metrics, "training": record} if same else None
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or reuse) the toy CLIP, evaluate it, write ``cfg.metrics`` and return the metrics."""
-    out = prepare_run(cfg)
-    if cfg.train.get("num_threads"):
-        torch.set_num_threads(int(cfg.train.num_threads))
-    record = ensure_toyclip(cfg)
-    metrics = _cached_metrics(cfg, record)
-    if metrics is None:
-        metrics = {**evaluate_toyclip(cfg, record["checkpoint"]), "training": record, "eval_config": _eval_config(cfg)}
-    atomic_write_json(cfg.metrics, metrics)
-    atomic_write_json(out / "toyclip_metrics.json", metrics)
-    sims = metrics["sims"]
-    log.info(
-        "toyclip %s: objects alone %.1f%%, scenes %.1f%%, backgrounds %.1f%%; cos(fg crop, class) median %.3f "
-        "[p05 %.3f], cos(bg crop, class) median %.3f [p95 %.3f]; metrics → %s",
-        record["checkpoint"],
-        100 * metrics["object_alone_acc"],
-        100 * metrics["scene_object_acc"],
-        100 * metrics["background_acc"],
-        sims["fg_crop_vs_own_class"]["median"],
-        sims["fg_crop_vs_own_class"]["p05"],
-        sims["bg_crop_vs_own_class"]["median"],
-        sims["bg_crop_vs_own_class"]["p95"],
-        cfg.metrics,
-    )
-    return metrics

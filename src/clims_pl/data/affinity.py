@@ -13,16 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from clims_pl.config import check_number
-from clims_pl.data.segmentation import load_label, to_tensor
+from clims_pl.data.segmentation import LabelDirDataModule, load_label, to_tensor
 from clims_pl.data.transforms import IGNORE_INDEX, imagenet_normalize, pil_resize
-from clims_pl.data.voc import load_image, read_split
+from clims_pl.data.voc import load_image
 
 
 def pil_rescale(array: np.ndarray, scale: float, resample: Image.Resampling) -> np.ndarray:
@@ -113,8 +112,10 @@ def affinity_labels(
     return bg_pos.float(), fg_pos.float(), neg.float()
 
 
-class AffinityDataModule(L.LightningDataModule):
+class AffinityDataModule(LabelDirDataModule):
     """IRN training crops of ``train_split`` with IR labels from ``label_dir`` (shuffled, drop_last)."""
+
+    label_stage = "IR-label"
 
     def __init__(
         self,
@@ -128,37 +129,17 @@ class AffinityDataModule(L.LightningDataModule):
         rescale: Sequence[float] = (0.5, 1.5),
         flip: bool = True,
     ) -> None:
-        super().__init__()
-        self.root, self.label_dir, self.classes = Path(root), Path(label_dir), list(classes)
-        self.train_split = train_split
-        self.batch_size = check_number("data.batch_size", batch_size, integer=True, ge=1)
-        self.num_workers = check_number("data.num_workers", num_workers, integer=True, ge=0)
-        self.crop_size = check_number("data.crop_size", crop_size, integer=True, ge=1)
+        super().__init__(root, label_dir, classes, train_split, batch_size, num_workers, crop_size)
         self.rescale = tuple(check_number("data.rescale", s, gt=0) for s in rescale)
         if len(self.rescale) != 2 or self.rescale[0] > self.rescale[1]:
             raise ValueError(f"data.rescale={list(rescale)} is invalid: it must be [lo, hi] with 0 < lo <= hi")
         self.flip = flip
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
     def train_dataloader(self) -> DataLoader:
-        if not self.label_dir.is_dir():
-            raise FileNotFoundError(f"data.label_dir={self.label_dir} does not exist: run the IR-label stage first")
-        ids = read_split(self.root, self.train_split)
-        dataset = AffinityDataset(self.root, ids, self.label_dir, self.crop_size, self.rescale, self.flip)
+        dataset = AffinityDataset(self.root, self.train_ids(), self.label_dir, self.crop_size, self.rescale, self.flip)
         if len(dataset) < self.batch_size:
             raise ValueError(
                 f"data.train_split={self.train_split} has {len(dataset)} images, fewer than "
                 f"data.batch_size={self.batch_size} (batches drop the remainder): lower the batch size"
             )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.train_loader(dataset, drop_last=True)

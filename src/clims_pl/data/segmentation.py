@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clims_pl.config import check_number
 from clims_pl.data.transforms import IGNORE_INDEX, imagenet_normalize, pil_resize
-from clims_pl.data.voc import load_image, load_mask, read_split
-from clims_pl.evaluate import read_label_png
+from clims_pl.data.voc import load_image, load_mask, read_label_png, read_split
 
 Normalization = Literal["imagenet", "caffe_bgr"]
 
@@ -135,7 +134,55 @@ class SegEvalDataset(Dataset):
         return item
 
 
-class SegDataModule(L.LightningDataModule):
+class LabelDirDataModule(L.LightningDataModule):
+    """What the DataModules trained on a stage's label PNGs share (DeepLab on pseudo labels, IRN on IR labels): the
+    checked sizes, the label folder check and the shuffled train loader."""
+
+    #: The stage that writes ``label_dir``, named when the folder is missing.
+    label_stage = "label"
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        label_dir: str | os.PathLike,
+        classes: Sequence[str],
+        train_split: str,
+        batch_size: int,
+        num_workers: int,
+        crop_size: int,
+    ) -> None:
+        super().__init__()
+        self.root, self.label_dir, self.classes = Path(root), Path(label_dir), list(classes)
+        self.train_split = train_split
+        self.batch_size = check_number("data.batch_size", batch_size, integer=True, ge=1)
+        self.num_workers = check_number("data.num_workers", num_workers, integer=True, ge=0)
+        self.crop_size = check_number("data.crop_size", crop_size, integer=True, ge=1)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def train_ids(self) -> list[str]:
+        """Ids of ``train_split``, once the label folder exists."""
+        if not self.label_dir.is_dir():
+            raise FileNotFoundError(
+                f"data.label_dir={self.label_dir} does not exist: run the {self.label_stage} stage first"
+            )
+        return read_split(self.root, self.train_split)
+
+    def train_loader(self, dataset: Dataset, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class SegDataModule(LabelDirDataModule):
     """DeepLab training on pseudo labels (``label_dir``) and validation on ground truth.
 
     Args:
@@ -143,6 +190,8 @@ class SegDataModule(L.LightningDataModule):
         label_dir: training labels (``<pseudo stage>/pseudo``); ``val_gt``: 'aug' (reference) or 'voc'.
         batch_size: per optimiser micro-batch (reference 10, with ``trainer.accumulate_grad_batches=2``).
     """
+
+    label_stage = "pseudo-label"
 
     def __init__(
         self,
@@ -159,35 +208,17 @@ class SegDataModule(L.LightningDataModule):
         normalization: Normalization = "imagenet",
         val_gt: Literal["aug", "voc"] = "aug",
     ) -> None:
-        super().__init__()
-        self.root, self.label_dir, self.classes = Path(root), Path(label_dir), list(classes)
-        self.train_split, self.val_split = train_split, val_split
-        self.batch_size = check_number("data.batch_size", batch_size, integer=True, ge=1)
-        self.num_workers = check_number("data.num_workers", num_workers, integer=True, ge=0)
-        self.crop_size = check_number("data.crop_size", crop_size, integer=True, ge=1)
+        super().__init__(root, label_dir, classes, train_split, batch_size, num_workers, crop_size)
+        self.val_split = val_split
         self.scales = tuple(check_number("data.scales", s, gt=0) for s in scales)
         self.flip = flip
         self.normalization, self.val_gt = normalization, val_gt
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
     def train_dataloader(self) -> DataLoader:
-        if not self.label_dir.is_dir():
-            raise FileNotFoundError(f"data.label_dir={self.label_dir} does not exist: run the pseudo-label stage first")
-        ids = read_split(self.root, self.train_split)
         dataset = SegTrainDataset(
-            self.root, ids, self.label_dir, self.crop_size, self.scales, self.flip, self.normalization
+            self.root, self.train_ids(), self.label_dir, self.crop_size, self.scales, self.flip, self.normalization
         )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.train_loader(dataset)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_split:

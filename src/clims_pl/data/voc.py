@@ -300,3 +300,11 @@ def save_label_png(path: str | os.PathLike, label: np.ndarray) -> None:
     img.putpalette(VOC_PALETTE.reshape(-1).tolist())  # turns the grey image into a palette one
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) uint8 indices of a palette or grey-level label PNG, with a clear error when missing or RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: label PNG missing; run the stage that writes this folder first")
+    return decode_image(path, path.stem, index=True)

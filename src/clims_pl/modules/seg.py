@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from clims_pl.metrics import deeplab_scores
 from clims_pl.models.deeplab import DeepLabV2
+from clims_pl.optim import poly_sgd
 
 
 def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -44,39 +44,6 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return labels
     resized = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")
     return resized[:, 0].long()
-
-
-def deeplab_scores(conf: np.ndarray) -> dict[str, Any]:
-    """The reference ``scores()`` from a (C, C) confusion (rows = ground truth).
-
-    mIoU is the nanmean of IoU over the classes **present in the ground truth** (docs/reference.md#deeplab-test-and-crf), unlike the chainercv
-    mIoU of the CAM / pseudo-label evaluation.
-    """
-    hist = np.asarray(conf, dtype=np.float64)
-    diag, gt_sum, pred_sum, total = np.diag(hist), hist.sum(axis=1), hist.sum(axis=0), hist.sum()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = diag / (gt_sum + pred_sum - diag)
-        acc_cls = diag / gt_sum
-    present = gt_sum > 0
-    freq = gt_sum / max(total, 1.0)
-
-    def mean(values: np.ndarray) -> float | None:
-        return float(np.nanmean(values)) if np.isfinite(values).any() else None
-
-    return {
-        "pixel_accuracy": float(diag.sum() / total) if total else None,
-        "mean_accuracy": mean(acc_cls),
-        "fw_iou": float((freq[present] * iou[present]).sum()),
-        "miou": mean(iou[present]),
-        "class_iou": [None if np.isnan(v) else float(v) for v in iou],
-    }
-
-
-def poly_step_factor(step: int, max_steps: int, power: float, every: int) -> float:
-    """lr multiplier of optimiser step ``step`` (0-based): (1 − k/T)^power with k = step rounded down to a
-    multiple of ``every`` (reference PolynomialLR stepped after each iteration, updating every 10)."""
-    k = min(step // every * every, max_steps)
-    return (1.0 - k / max_steps) ** power
 
 
 class SegModule(L.LightningModule):
@@ -144,16 +111,18 @@ class SegModule(L.LightningModule):
         cfg = self.hparams.optim
         backbone, aspp_weights, aspp_biases = self.net.param_groups()
         lr, wd = cfg["lr"], cfg["weight_decay"]
-        optimizer = torch.optim.SGD(
+        max_steps = int(self.trainer.estimated_stepping_batches)
+        return poly_sgd(
             [
-                {"params": backbone, "lr": lr, "weight_decay": wd},
-                {"params": aspp_weights, "lr": lr * cfg["aspp_weight_lr_mult"], "weight_decay": wd},
+                {"params": backbone, "lr": lr},
+                {"params": aspp_weights, "lr": lr * cfg["aspp_weight_lr_mult"]},
                 {"params": aspp_biases, "lr": lr * cfg["aspp_bias_lr_mult"], "weight_decay": 0.0},
             ],
-            lr=lr,
+            weight_decay=wd,
             momentum=cfg["momentum"],
+            reference_momentum_bug=False,  # main_v2's SGD passes momentum by name: 0.9 as intended
+            poly_power=cfg["poly_power"],
+            max_steps=max_steps,
+            every=cfg["lr_step"],
+            final_step=max_steps,
         )
-        max_steps = int(self.trainer.estimated_stepping_batches)
-        power, every = cfg["poly_power"], cfg["lr_step"]
-        scheduler = LambdaLR(optimizer, lambda t: poly_step_factor(t, max_steps, power, every))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

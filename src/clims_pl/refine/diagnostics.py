@@ -27,7 +27,8 @@ from PIL import Image
 
 from clims_pl.cams import load_cam
 from clims_pl.data.transforms import pil_resize
-from clims_pl.evaluate import ground_truth, read_label_png
+from clims_pl.data.voc import read_label_png
+from clims_pl.evaluate import ground_truth
 from clims_pl.io import atomic_save_npz, atomic_write_json, atomic_write_text
 from clims_pl.metrics import (
     boundary_cells,
@@ -41,6 +42,7 @@ from clims_pl.metrics import (
 )
 from clims_pl.refine.random_walk import propagate_to_edge, walk_to_label
 from clims_pl.runtime import log_metrics
+from clims_pl.tables import markdown_table, percent
 
 #: Per-image walk maps of ``<diag_dir>/<id>.npz`` (float16, (K, h, w)): IRN edges, oracle edges, no edges.
 WALKS = ("walked", "oracle", "no_edge")
@@ -158,10 +160,6 @@ def pseudo_diagnostics(
     return edges, walks
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -169,24 +167,22 @@ def _num(value: float | None) -> str:
 def ir_labels_markdown(result: dict[str, Any], title: str) -> str:
     """Headline shares and precisions (%), then one row per class."""
     frac = result["fraction"]
-    lines = [
-        f"# {title}",
-        "",
-        "| metric | value (%) |",
-        "|---|---|",
-        f"| confident foreground / background / unsure pixels | {_pct(frac['foreground'])} / "
-        f"{_pct(frac['background'])} / {_pct(frac['unsure'])} |",
-        f"| precision of the confident foreground (label = gt class) | {_pct(result['fg_precision'])} |",
-        f"| precision of the confident background | {_pct(result['bg_precision'])} |",
-        f"| recall: gt foreground / background pixels labelled right | {_pct(result['fg_recall'])} / "
-        f"{_pct(result['bg_recall'])} |",
-        f"| images | {result['num_images']} |",
-        "",
-        "| class | share of pixels (%) | precision (%) |",
-        "|---|---|---|",
-        *(f"| {n} | {_pct(v['fraction'])} | {_pct(v['precision'])} |" for n, v in result["per_class"].items()),
+    rows = [
+        [
+            "confident foreground / background / unsure pixels",
+            f"{percent(frac['foreground'])} / {percent(frac['background'])} / {percent(frac['unsure'])}",
+        ],
+        ["precision of the confident foreground (label = gt class)", percent(result["fg_precision"])],
+        ["precision of the confident background", percent(result["bg_precision"])],
+        [
+            "recall: gt foreground / background pixels labelled right",
+            f"{percent(result['fg_recall'])} / {percent(result['bg_recall'])}",
+        ],
+        ["images", result["num_images"]],
     ]
-    return "\n".join(lines) + "\n"
+    per_class = [[n, percent(v["fraction"]), percent(v["precision"])] for n, v in result["per_class"].items()]
+    lines = [f"# {title}", "", *markdown_table(["metric", "value (%)"], rows), ""]
+    return "\n".join(lines + markdown_table(["class", "share of pixels (%)", "precision (%)"], per_class)) + "\n"
 
 
 def edges_markdown(result: dict[str, Any], title: str) -> str:
@@ -197,32 +193,28 @@ def edges_markdown(result: dict[str, Any], title: str) -> str:
         f"Predicted boundary: edge > {result['edge_threshold']}; matched within {result['tolerance_cells']} "
         "stride-4 cell(s) of a ground-truth class boundary.",
         "",
-        "| metric | value |",
-        "|---|---|",
-        f"| boundary precision / recall / F (%) | {_pct(result['precision'])} / {_pct(result['recall'])} / "
-        f"{_pct(result['f'])} |",
-        f"| mean edge: object interior / true boundary / background | {_num(mean['object_interior'])} / "
-        f"{_num(mean['boundary'])} / {_num(mean['background'])} |",
-        f"| images | {result['num_images']} |",
     ]
-    return "\n".join(lines) + "\n"
+    rows = [
+        [
+            "boundary precision / recall / F (%)",
+            f"{percent(result['precision'])} / {percent(result['recall'])} / {percent(result['f'])}",
+        ],
+        [
+            "mean edge: object interior / true boundary / background",
+            f"{_num(mean['object_interior'])} / {_num(mean['boundary'])} / {_num(mean['background'])}",
+        ],
+        ["images", result["num_images"]],
+    ]
+    return "\n".join(lines + markdown_table(["metric", "value"], rows)) + "\n"
 
 
 def walks_markdown(walks: dict[str, Any], irn_miou: float | None) -> str:
     """The walk variants beside the pseudo labels' own score (IRN edges)."""
     rows = [("no walk (CAMs upsampled)", walks["no_walk"]), ("walk, no edges", walks["no_edge"])]
     rows += [("walk, IRN edges (the pseudo labels)", {"miou": irn_miou}), ("walk, oracle edges", walks["oracle_edge"])]
-    lines = [
-        "## Diagnostics (never used to make labels)",
-        "",
-        "| labels | mIoU (%) | fg precision (%) | fg recall (%) |",
-        "|---|---|---|---|",
-        *(
-            f"| {name} | {_pct(r['miou'])} | {_pct(r.get('fg_precision'))} | {_pct(r.get('fg_recall'))} |"
-            for name, r in rows
-        ),
-    ]
-    return "\n".join(lines) + "\n"
+    header = ["labels", "mIoU (%)", "fg precision (%)", "fg recall (%)"]
+    cells = [[n, percent(r["miou"]), percent(r.get("fg_precision")), percent(r.get("fg_recall"))] for n, r in rows]
+    return "\n".join(["## Diagnostics (never used to make labels)", "", *markdown_table(header, cells)]) + "\n"
 
 
 def flat_scalars(result: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -26,7 +26,8 @@ from clims_pl.cams import load_cam
 from clims_pl.data.segmentation import to_tensor
 from clims_pl.data.transforms import imagenet_normalize
 from clims_pl.data.voc import load_image, read_split, save_label_png
-from clims_pl.evaluate import display_names, evaluate_label_dir, ground_truth, instantiate_loggers, metrics_markdown
+from clims_pl.evaluate import display_names, evaluate_label_dir, ground_truth, metrics_markdown
+from clims_pl.io import pending_pngs
 from clims_pl.models.checkpoint import load_net
 from clims_pl.models.irn import IRNet
 from clims_pl.provenance import claim, identity
@@ -39,9 +40,8 @@ from clims_pl.refine.diagnostics import (
     walks_markdown,
     write_diagnostics,
 )
-from clims_pl.refine.ir_labels import pending_pngs
 from clims_pl.refine.random_walk import propagate_to_edge, walk_to_label
-from clims_pl.runtime import apply_runtime
+from clims_pl.runtime import apply_runtime, instantiate_group, resolve_device
 
 log = logging.getLogger("clims_pl")
 
@@ -82,13 +82,6 @@ def edge_and_walk(
     if len(cam) == 0:
         return edge, cam
     return edge, propagate_to_edge(cam, edge, radius=radius, beta=beta, exp_times=exp_times)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → the first CUDA device if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -145,7 +138,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     names = display_names(cfg.data.classes, cfg.data.get("prompts"))
     result = evaluate_label_dir(out_dir, root, eval_ids, names, progress=True)
     result.update(split=stage.eval_split, written=len(todo), skipped=len(ids) - len(todo), label_s=labelled)
-    loggers = instantiate_loggers(cfg)
+    loggers = instantiate_group(cfg.get("logger"))
     markdown = metrics_markdown(result, f"pseudo labels on {stage.eval_split}")
     if diag_ids:
         edges, walks = pseudo_diagnostics(

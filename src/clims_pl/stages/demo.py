@@ -32,6 +32,7 @@ from clims_pl.io import atomic_write_json, atomic_write_text
 from clims_pl.metrics import cam_prediction, miou_from_confusion, segmentation_confusion
 from clims_pl.pipeline import read_manifest
 from clims_pl.runtime import prepare_run
+from clims_pl.tables import markdown_table
 from clims_pl.viz import write_overlays, write_refinement_overlays
 
 
@@ -76,16 +77,12 @@ def _pct(v: float | None) -> str:
 
 
 def demo_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| CAMs | mIoU best (thr) | mIoU @ ref thr | co-occurring-bg false activation (%) |",
-        "|---|---|---|---|",
+    header = ["CAMs", "mIoU best (thr)", "mIoU @ ref thr", "co-occurring-bg false activation (%)"]
+    cells = [
+        [r["name"], f"{_pct(r['miou_best'])} ({r['best_threshold']:.2f})", _pct(r["miou_ref"]), _pct(r["cobg_fa"])]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['name']} | {_pct(r['miou_best'])} ({r['best_threshold']:.2f}) | {_pct(r['miou_ref'])} | "
-            f"{_pct(r['cobg_fa'])} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(markdown_table(header, cells))
 
 
 def _method_row(name: str, eval_dir: Path, cam_dir: Path, root: Path, ids: list[str]) -> dict[str, Any]:
@@ -175,7 +172,7 @@ def refinement_table(results: dict[str, Any]) -> str:
         ("walk with oracle edges mIoU", _pct(d["walk_oracle_edge_miou"])),
         ("DeepLab val mIoU / + dense CRF", f"{_pct(results['seg_val_miou'])} / {_pct(results['seg_val_crf_miou'])}"),
     ]
-    return "\n".join(["| refinement | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    return "\n".join(markdown_table(["refinement", "value"], rows))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -29,15 +29,12 @@ from tqdm import tqdm
 
 from clims_pl.data.segmentation import CAFFE_MEAN_BGR, SegEvalDataset
 from clims_pl.data.voc import load_image, load_mask, read_split, save_label_png
-from clims_pl.io import atomic_path, atomic_write_json
-from clims_pl.metrics import pair_confusion
+from clims_pl.io import atomic_path, atomic_write_json, pending_pngs
+from clims_pl.metrics import deeplab_scores, pair_confusion
 from clims_pl.models.checkpoint import load_net
-from clims_pl.modules.seg import deeplab_scores
 from clims_pl.provenance import claim, identity
 from clims_pl.refine.crf import crf_inference_prob
-from clims_pl.refine.ir_labels import pending_pngs
-from clims_pl.refine.pseudo import resolve_device
-from clims_pl.runtime import apply_runtime
+from clims_pl.runtime import apply_runtime, resolve_device
 
 log = logging.getLogger("clims_pl")
 

@@ -6,8 +6,6 @@ Everything printed is read from the stage manifests the pipeline wrote; referenc
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import subprocess
 from pathlib import Path
@@ -19,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from clims_pl.io import atomic_write_text
 from clims_pl.pipeline import MANIFEST, read_manifest
 from clims_pl.runtime import prepare_run
+from clims_pl.tables import csv_text, fmt, markdown_table
 
-REFERENCE_FILE = Path(__file__).with_name("resources") / "paper_results.yaml"
+REFERENCE_FILE = Path(__file__).parents[1] / "resources" / "paper_results.yaml"
 
 
 def git_commit() -> str:
@@ -81,31 +80,16 @@ def stage_times(run_dir: Path) -> list[tuple[str, float, str]]:
     return out
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "—" if math.isnan(v) else f"{v:.1f}"
-    return str(v)
-
-
 def render_markdown(title: str, table: list[dict[str, Any]], times: list[tuple[str, float, str]], commit: str) -> str:
     lines = [f"# {title}", "", f"git commit `{commit}`", ""]
-    lines += ["| metric | ours | paper | repo | ours − repo | threshold | stage |", "|---|---|---|---|---|---|---|"]
-    lines += [
-        f"| {r['metric']} | {_fmt(r['ours'])} | {_fmt(r['paper'])} | {_fmt(r['repo'])} | "
-        f"{_fmt(r['delta_vs_repo'])} | {r['threshold']} | {r['stage']} |"
-        for r in table
-    ]
-    lines += ["", "| stage | wall time (s) | config hash |", "|---|---|---|"]
-    lines += [f"| {name} | {wall:.1f} | `{h}` |" for name, wall, h in times]
+    header = ["metric", "ours", "paper", "repo", "ours − repo", "threshold", "stage"]
+    numbers = ("ours", "paper", "repo", "delta_vs_repo")
+    lines += markdown_table(
+        header, [[r["metric"], *(fmt(r[c]) for c in numbers), r["threshold"], r["stage"]] for r in table]
+    )
+    times_rows = [[name, f"{wall:.1f}", f"`{h}`"] for name, wall, h in times]
+    lines += ["", *markdown_table(["stage", "wall time (s)", "config hash"], times_rows)]
     return "\n".join(lines) + "\n"
-
-
-def render_csv(table: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(table[0]) if table else ["metric"])
-    writer.writeheader()
-    writer.writerows(table)
-    return buf.getvalue()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -117,6 +101,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     table = collect_rows(run_dir, rows, reference)
     md = render_markdown(cfg.report.title, table, stage_times(run_dir), git_commit())
     atomic_write_text(out / "report.md", md)
-    atomic_write_text(out / "report.csv", render_csv(table))
+    atomic_write_text(out / "report.csv", csv_text(table, ["metric"]))
     print(md)
     return {r["key"]: t["ours"] for r, t in zip(rows, table, strict=True)}
