@@ -26,7 +26,7 @@ from PIL import Image
 
 from clims_pl.cams import predict_cams, strided_size
 from clims_pl.data.datamodule import MultiScaleDataset
-from clims_pl.data.voc import save_label_png
+from clims_pl.data.imageio import save_label_png
 from clims_pl.evaluate import evaluate_cams
 from clims_pl.io import atomic_save_npz
 from clims_pl.models.cam_net import CAMNet

@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image
 
 from clims_pl.cams import strided_size
-from clims_pl.data.voc import VOC_CLASSES, save_label_png
+from clims_pl.data.imageio import save_label_png
+from clims_pl.data.voc import VOC_CLASSES
 from clims_pl.io import atomic_save_npz
 
 

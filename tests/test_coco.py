@@ -14,14 +14,15 @@ import pytest
 from conftest import compose_config
 from pycocotools import mask as mask_utils
 
-from clims_pl import evaluate
 from clims_pl.data import coco
 from clims_pl.data.cli import main as data_main
+from clims_pl.data.datamodule import COCODataModule
 from clims_pl.data.toy import TOY_CLASSES
 from clims_pl.data.voc import load_image, load_mask, read_split
 from clims_pl.evaluate import display_names, evaluate_cams
 from clims_pl.io import atomic_save_npz
 from clims_pl.pipeline import compose_stage, stages_from_config
+from clims_pl.stages import evaluate as evaluate_stage
 
 TOY_TO_COCO = {"aeroplane": "airplane", "boat": "boat", "cow": "cow", "train": "train"}
 #: toy mask value → COCO channel index + 1
@@ -117,7 +118,7 @@ def world(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 
 def test_labels_ids_and_cache(world: tuple[Path, dict], tmp_path: Path) -> None:
     root, expected = world
-    dm = coco.COCODataModule(
+    dm = COCODataModule(
         root, coco.COCO_CLASSES, prompts="coco", train_split="train2014", val_split="val2014",
         infer_split="train2014:3", label_cache_dir=tmp_path, num_workers=0,
     )  # fmt: skip
@@ -131,7 +132,7 @@ def test_labels_ids_and_cache(world: tuple[Path, dict], tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("coco-labels-*.npz"))) == 2
     again = coco.coco_labels(root, "train2014", coco.COCO_CLASSES, tmp_path)
     assert again[0] == ids and np.array_equal(again[1], labels)
-    batch = next(iter(coco.COCODataModule(
+    batch = next(iter(COCODataModule(
         root, coco.COCO_CLASSES, prompts="coco", train_split="train2014", batch_size=2, num_workers=0, crop_size=32,
         resize_long=[32, 48],
     ).train_dataloader()))  # fmt: skip
@@ -215,7 +216,7 @@ def test_cam_evaluation_over_81_classes(world: tuple[Path, dict], tmp_path: Path
     cfg = compose_config(
         "eval", tmp_path, ["data=coco", f"data.root={root}", f"eval.cam_dir={tmp_path}", "eval.split=train2014:4"]
     )
-    staged = evaluate.run(cfg)
+    staged = evaluate_stage.run(cfg)
     assert staged["num_images"] == 4 and (tmp_path / "run" / "metrics" / "cams.json").is_file()
     assert staged["iou"]["background"] == pytest.approx(
         evaluate_cams(tmp_path, root, ids[:4], [0.15], 0.15, names)["iou"]["background"]
@@ -272,7 +273,7 @@ def test_paper_coco_pins_the_reference(tmp_path: Path) -> None:
         16,
         "fixed",
     )
-    assert cam.data._target_ == "clims_pl.data.coco.COCODataModule" and cam.model.net.num_classes == 80
+    assert cam.data._target_ == "clims_pl.data.datamodule.COCODataModule" and cam.model.net.num_classes == 80
     loss = clims.loss
     assert (loss.alpha, loss.beta, loss.gamma, loss.delta, loss.cbs_threshold) == (2.0, 14.0, 1.25, 0.2, 0.285)
     assert (clims.trainer.max_epochs, clims.model.optim.lr, clims.data.batch_size) == (8, 5e-4, 16)

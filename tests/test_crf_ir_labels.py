@@ -14,7 +14,7 @@ from cam_fixtures import write_cam_files, write_voc_root
 from omegaconf import open_dict
 from PIL import Image
 
-from clims_pl.data.voc import VOC_PALETTE
+from clims_pl.data.imageio import VOC_PALETTE
 from clims_pl.provenance import ProvenanceError
 from clims_pl.refine.crf import crf_inference_label, crf_inference_prob
 from clims_pl.refine.ir_labels import combine_ir_label, ir_label

@@ -13,10 +13,11 @@ from PIL import Image
 
 from clims_pl.data.cli import main
 from clims_pl.data.datamodule import ClassificationDataset, VOCDataModule
+from clims_pl.data.imageio import ImageFileError
 from clims_pl.data.segmentation import SegEvalDataset
 from clims_pl.data.toy import TOY_CLASSES, generate_toy
 from clims_pl.data.transforms import val_transform
-from clims_pl.data.voc import ImageFileError, VOCRootError, check_train_aug, image_labels, load_mask, read_split
+from clims_pl.data.voc import VOCRootError, check_train_aug, image_labels, load_mask, read_split
 
 TINY = {"seed": 0, "size": 32, "n_train_aug": 4, "n_train": 2, "n_val": 2}
 

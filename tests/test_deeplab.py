@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from cam_fixtures import write_voc_root
 from PIL import Image
 
-from clims_pl.data.voc import VOC_PALETTE, save_label_png
+from clims_pl.data.imageio import VOC_PALETTE, save_label_png
 from clims_pl.metrics import deeplab_scores
 from clims_pl.models.deeplab import DeepLabV2
 from clims_pl.modules.seg import SegModule, balanced_cross_entropy, resize_labels

@@ -11,7 +11,7 @@ import pytest
 from cam_fixtures import write_cam_files, write_voc_root
 
 from clims_pl.cams import CamFileError
-from clims_pl.data.voc import save_label_png
+from clims_pl.data.imageio import save_label_png
 from clims_pl.evaluate import evaluate_cams, evaluate_label_dir, sweep_thresholds
 from clims_pl.metrics import cam_prediction, miou_from_confusion, segmentation_confusion
 from clims_pl.stages.evaluate import run

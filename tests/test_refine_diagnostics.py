@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from clims_pl.data.voc import save_label_png
+from clims_pl.data.imageio import save_label_png
 from clims_pl.metrics import (
     boundary_cells,
     boundary_counts,

@@ -10,7 +10,7 @@ import torch
 from cam_fixtures import write_cam_files, write_voc_root
 from PIL import Image
 
-from clims_pl.data.voc import VOC_PALETTE, save_label_png
+from clims_pl.data.imageio import VOC_PALETTE, save_label_png
 from clims_pl.refine.diagnostics import save_diag
 from clims_pl.stages.viz import run
 from clims_pl.viz import GAP, TITLE_HEIGHT, heat_overlay, overlay_panel, pick_ids, refinement_panel

@@ -10,15 +10,14 @@ import pytest
 from PIL import Image
 
 from clims_pl.data import voc
+from clims_pl.data.imageio import VOC_PALETTE, save_label_png
 from clims_pl.data.voc import (
     VOC_CLASSES,
-    VOC_PALETTE,
     VOCRootError,
     image_labels,
     load_image,
     load_mask,
     read_split,
-    save_label_png,
     validate_voc_root,
 )
 

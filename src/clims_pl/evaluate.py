@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clims_pl.cams import load_cam
-from clims_pl.data.voc import read_label_png
+from clims_pl.data.imageio import read_label_png
 from clims_pl.metrics import (
     miou_from_confusion,
     pair_confusion,

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from clims_pl.cams import load_cam
-from clims_pl.data.voc import read_label_png
+from clims_pl.data.imageio import read_label_png
 from clims_pl.io import atomic_path
 from clims_pl.metrics import cam_prediction
 
@@ -34,7 +34,7 @@ GAP = 4
 
 def colorize_label(label: np.ndarray) -> np.ndarray:
     """(H, W) class indices → (H, W, 3) uint8 VOC palette colours (255 = ignore, cream)."""
-    from clims_pl.data.voc import VOC_PALETTE
+    from clims_pl.data.imageio import VOC_PALETTE
 
     return VOC_PALETTE[np.asarray(label, dtype=np.uint8)]
 

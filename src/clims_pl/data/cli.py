@@ -23,13 +23,12 @@ import numpy as np
 from tqdm import tqdm
 
 from clims_pl.data import coco, download, toy
+from clims_pl.data.imageio import ImageFileError, decode_image
 from clims_pl.data.voc import (
     VOC_CLASSES,
     VOC_TRAIN_AUG_SIZE,
-    ImageFileError,
     VOCRootError,
     check_train_aug,
-    decode_image,
     image_labels,
     read_split,
     validate_voc_root,

@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from clims_pl.data.datamodule import VOCDataModule
-from clims_pl.data.voc import decode_image, save_label_png
+from clims_pl.data.imageio import decode_image, save_label_png
 from clims_pl.io import atomic_save_npz, atomic_write_json
 
 #: The 80 COCO category names in category-id order (= channel order, the reference's ``category_map`` 1..80).
@@ -256,22 +255,3 @@ def write_coco_masks(
         for _ in tqdm(pool.map(write, todo), total=len(todo), desc=f"masks {name}", disable=not progress):
             pass
     return out
-
-
-class COCODataModule(VOCDataModule):
-    """:class:`VOCDataModule` on the COCO 2014 layout: splits and labels from the instances files.
-
-    Loaders, transforms and the multi-scale inference input are the VOC ones (images are read by id, and COCO
-    ids name their folder); only where ids and labels come from differs.
-    """
-
-    def setup(self, stage: str | None = None) -> None:
-        """Check every configured split's instances file and image folder before any loader is built."""
-        for split in {self.hparams.train_split, self.hparams.val_split, self.hparams.infer_split}:
-            annotation_file(self.root, split)
-
-    def split(self, name: str) -> tuple[list[str], np.ndarray]:
-        """(ids, (N, 80) labels) of a split such as ``train2014`` or ``train2014:10000``, memoised."""
-        if name not in self._splits:
-            self._splits[name] = coco_labels(self.root, name, self.classes, self.hparams.label_cache_dir)
-        return self._splits[name]

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from clims_pl.config import check_number
+from clims_pl.data import coco
 from clims_pl.data.toy import generate_toy
 from clims_pl.data.transforms import imagenet_normalize, pil_resize, train_transform, val_transform
 from clims_pl.data.voc import check_train_aug, image_labels, load_image, read_split, validate_voc_root
@@ -270,3 +271,22 @@ class VOCDataModule(L.LightningDataModule):
             shuffle=False,
             collate_fn=collate_multiscale,
         )
+
+
+class COCODataModule(VOCDataModule):
+    """:class:`VOCDataModule` on the COCO 2014 layout: splits and labels from the instances files.
+
+    Loaders, transforms and the multi-scale inference input are the VOC ones (images are read by id, and COCO
+    ids name their folder); only where ids and labels come from differs.
+    """
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check every configured split's instances file and image folder before any loader is built."""
+        for split in {self.hparams.train_split, self.hparams.val_split, self.hparams.infer_split}:
+            coco.annotation_file(self.root, split)
+
+    def split(self, name: str) -> tuple[list[str], np.ndarray]:
+        """(ids, (N, 80) labels) of a split such as ``train2014`` or ``train2014:10000``, memoised."""
+        if name not in self._splits:
+            self._splits[name] = coco.coco_labels(self.root, name, self.classes, self.hparams.label_cache_dir)
+        return self._splits[name]

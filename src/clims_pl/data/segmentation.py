@@ -21,8 +21,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from clims_pl.config import check_number
+from clims_pl.data.imageio import read_label_png
 from clims_pl.data.transforms import IGNORE_INDEX, imagenet_normalize, pil_resize
-from clims_pl.data.voc import load_image, load_mask, read_label_png, read_split
+from clims_pl.data.voc import load_image, load_mask, read_split
 
 Normalization = Literal["imagenet", "caffe_bgr"]
 

@@ -51,7 +51,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from clims_pl.data.voc import VOC_PALETTE
+from clims_pl.data.imageio import VOC_PALETTE
 
 TOY_CLASSES: tuple[str, ...] = ("aeroplane", "boat", "cow", "train")
 TOY_BACKGROUNDS: tuple[str, ...] = ("sky", "water", "grass", "railroad", "wall", "sand")

@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 
 from clims_pl.cams import load_cam
+from clims_pl.data.imageio import read_label_png
 from clims_pl.data.transforms import pil_resize
-from clims_pl.data.voc import read_label_png
 from clims_pl.evaluate import ground_truth
 from clims_pl.io import atomic_save_npz, atomic_write_json, atomic_write_text
 from clims_pl.metrics import (

@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from clims_pl.cams import load_cam
-from clims_pl.data.voc import load_image, read_split, save_label_png
+from clims_pl.data.imageio import save_label_png
+from clims_pl.data.voc import load_image, read_split
 from clims_pl.evaluate import display_names
 from clims_pl.io import pending_pngs
 from clims_pl.provenance import claim, identity

@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clims_pl.cams import load_cam
+from clims_pl.data.imageio import save_label_png
 from clims_pl.data.segmentation import to_tensor
 from clims_pl.data.transforms import imagenet_normalize
-from clims_pl.data.voc import load_image, read_split, save_label_png
+from clims_pl.data.voc import load_image, read_split
 from clims_pl.evaluate import display_names, evaluate_label_dir, ground_truth, metrics_markdown
 from clims_pl.io import pending_pngs
 from clims_pl.models.checkpoint import load_net
