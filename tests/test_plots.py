@@ -5,9 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from clims_pl.plots import CLASS_IOU_PNG, SWEEP_PNG, WALL_TIME_PNG, cam_sweeps, class_names, stage_class_iou
+from clims_pl.plots import (
+    CLASS_IOU_PNG,
+    SWEEP_PNG,
+    WALL_TIME_PNG,
+    cam_sweeps,
+    class_names,
+    main,
+    stage_class_iou,
+)
 from clims_pl.report import run
 
 
@@ -87,3 +96,19 @@ def test_report_without_metrics_draws_only_the_wall_times(tmp_path: Path, compos
     out = Path(cfg.paths.output_dir)
     assert (out / WALL_TIME_PNG).is_file() and not (out / SWEEP_PNG).exists() and not (out / CLASS_IOU_PNG).exists()
     assert "![stage wall times]" in (out / "report.md").read_text()
+
+
+def test_demo_figure_from_a_demo_run_and_its_command(tmp_path: Path, capsys) -> None:
+    """`make demo-figure` = `python -m clims_pl.plots RUN_DIR OUT`: sweeps + the first overlay panel per method."""
+    write_run(tmp_path)
+    out = tmp_path / "docs" / "demo.png"
+    with pytest.raises(SystemExit, match=r"overlays/baseline/\*.png missing: run the demo first"):
+        main([str(tmp_path), str(out)])
+    for tag in ("baseline", "clims"):
+        for image_id in ("toy_000001", "toy_000000"):
+            (tmp_path / "demo" / "overlays" / tag).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (200, 50), "red").save(tmp_path / "demo" / "overlays" / tag / f"{image_id}.png")
+    main([str(tmp_path), str(out)])
+    assert capsys.readouterr().out.strip() == str(out)
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[1] > image.size[0] / 2  # sweep above two panels

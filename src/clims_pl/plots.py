@@ -12,6 +12,7 @@ and written atomically.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -19,13 +20,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
+from PIL import Image
 
 from clims_pl.io import atomic_write_bytes
 
 SWEEP_PNG = "cam_sweep.png"
 CLASS_IOU_PNG = "class_iou.png"
 WALL_TIME_PNG = "wall_times.png"
+DEMO_PNG = "demo.png"
 
 
 def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
@@ -36,11 +40,7 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 120) -> Path:
     return Path(path)
 
 
-def sweep_figure(curves: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
-    """``curves``: label → a CAM evaluation result (``sweep.threshold``, ``sweep.miou`` fractions, ``best_threshold``,
-    ``best_miou``, ``threshold``); mIoU is drawn in %, the best threshold as a dot, the reported one as a line."""
-    fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.add_subplot()
+def _draw_sweep(ax: Any, curves: Mapping[str, Mapping[str, Any]], title: str) -> None:
     for label, result in curves.items():
         sweep = result["sweep"]
         points = [(t, 100 * m) for t, m in zip(sweep["threshold"], sweep["miou"], strict=True) if m is not None]
@@ -53,6 +53,30 @@ def sweep_figure(curves: Mapping[str, Mapping[str, Any]], path: str | os.PathLik
     ax.set(xlabel="background threshold", ylabel="CAM mIoU (%)", title=title or "CAM threshold sweep")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+
+
+def sweep_figure(curves: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+    """``curves``: label → a CAM evaluation result (``sweep.threshold``, ``sweep.miou`` fractions, ``best_threshold``,
+    ``best_miou``, ``threshold``); mIoU is drawn in %, the best threshold as a dot, the reported one as a line."""
+    fig = Figure(figsize=(6.4, 4.0))
+    _draw_sweep(fig.add_subplot(), curves, title)
+    return save_png(fig, path)
+
+
+def demo_figure(
+    curves: Mapping[str, Mapping[str, Any]], panels: Mapping[str, str | os.PathLike], path: str | os.PathLike
+) -> Path:
+    """The demo at a glance: the threshold sweeps of the baseline and CLIMS CAMs above one overlay panel each
+    (``panels``: label → a panel PNG of clims_pl.viz, the same image for every label)."""
+    fig = Figure(figsize=(9.6, 3.2 + 2.4 * len(panels)), layout="constrained")
+    grid = fig.add_gridspec(1 + len(panels), 1, height_ratios=[1.3] + [1.0] * len(panels))
+    _draw_sweep(fig.add_subplot(grid[0]), curves, "CAM mIoU against the background threshold")
+    for row, (label, panel) in enumerate(panels.items(), start=1):
+        ax = fig.add_subplot(grid[row])
+        with Image.open(panel) as image:
+            ax.imshow(np.asarray(image.convert("RGB")))
+        ax.set_axis_off()
+        ax.set_title(label, loc="left", fontsize="medium")
     return save_png(fig, path)
 
 
@@ -151,3 +175,37 @@ def figures_markdown(figures: Mapping[str, Path], beside: Path) -> str:
     lines = ["", "## Figures", ""]
     lines += [f"![{caption}]({os.path.relpath(path, beside.parent)})" for caption, path in figures.items()]
     return "\n".join(lines) + "\n"
+
+
+def demo_figure_of_run(
+    run_dir: Path, out: Path, baseline: str = "eval_cam", clims: str = "eval_clims", overlays: Path | None = None
+) -> Path:
+    """``demo_figure`` of a finished demo run (``clims-demo``; stage names as conf/demo.yaml): the two evaluations'
+    ``metrics/cams.json`` and the first image's panels in ``overlays`` (default ``<run_dir>/demo/overlays``)
+    ``/baseline`` and ``/clims``."""
+    overlays = overlays or run_dir / "demo" / "overlays"
+    curves, panels = {}, {}
+    for label, stage, tag in (("baseline CAM", baseline, "baseline"), ("CLIMS", clims, "clims")):
+        metrics = run_dir / stage / "metrics" / "cams.json"
+        first = sorted((overlays / tag).glob("*.png"))[:1]
+        if not metrics.is_file() or not first:
+            raise FileNotFoundError(f"{metrics} or {overlays / tag}/*.png missing: run the demo first (make demo)")
+        curves[label] = json.loads(metrics.read_text())
+        panels[f"{label}: {first[0].stem}"] = first[0]
+    return demo_figure(curves, panels, out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m clims_pl.plots RUN_DIR OUT.png`` (``make demo-figure``): redraw the demo figure of a demo run."""
+    parser = argparse.ArgumentParser(prog="python -m clims_pl.plots", description=main.__doc__)
+    parser.add_argument("run_dir", type=Path, help="the demo's run folder, e.g. runs/toy_demo")
+    parser.add_argument("out", type=Path, help="where the PNG goes, e.g. docs/img/demo.png")
+    args = parser.parse_args(argv)
+    try:
+        print(demo_figure_of_run(args.run_dir, args.out))
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
