@@ -120,8 +120,10 @@ def _records(path: Path) -> list:
     The file is a LevelDB-style log (wandb 0.31 ships no Python reader): a 7-byte header (``:W&B``, magic, version),
     then 32 KiB blocks of chunks (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last).
     """
+    import wandb
     from wandb.proto import wandb_internal_pb2
 
+    wandb.teardown()  # offline, wandb-core may still be writing the log of a finished run: wait for it
     data, pos, chunk, out, block = path.read_bytes(), 7, b"", [], 32768
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
@@ -141,3 +143,37 @@ def _records(path: Path) -> list:
 def _updates(batches) -> dict:
     """Key → value of config / summary update items (later updates win)."""
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for batch in batches for item in batch}
+
+
+def fake_eval(cfg) -> dict:
+    """A stage writing what clims-eval writes; with ``+opens_run=true`` it first opens its own wandb run, as a
+    Lightning training stage's WandbLogger does."""
+    from hydra.utils import instantiate
+
+    if cfg.get("opens_run"):
+        instantiate(cfg.logger.wandb).log_metrics({"train/loss": 1.5}, step=7)
+    out = Path(cfg.paths.output_dir) / "metrics"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cams.json").write_text(json.dumps({"miou": 0.1 * cfg.seed, "sweep": SWEEP, "iou": {"background": 0.5}}))
+    return {}
+
+
+def test_pipeline_publishes_each_stage_to_its_own_wandb_run_in_one_group(tmp_path: Path) -> None:
+    from clims_pl.pipeline import Stage, logger_overrides, run_pipeline
+
+    def stage(name: str, seed: int, *extra: str) -> Stage:
+        overrides = (f"+seed={seed}", *logger_overrides("refine", "wandb", "grp", name), "logger.wandb.offline=true")
+        return Stage(name, "refine", "test_dashboard:fake_eval", (), (*overrides, *extra), ("metrics",))
+
+    run_pipeline([stage("train_a", 2, "+opens_run=true"), stage("eval_b", 3)], tmp_path / "pipe", tmp_path)
+    runs = {}
+    for name in ("train_a", "eval_b"):
+        (log,) = (tmp_path / "pipe" / name).rglob("offline-run-*/run-*.wandb")  # one run per stage
+        records = _records(log)
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        summary = _updates(r.summary.update for r in records if r.WhichOneof("record_type") == "summary")
+        runs[name] = (run.run_group, run.job_type, run.display_name, summary[f"{name}/cams/miou"])
+    assert runs == {
+        "train_a": ("grp", "train_a", "train_a", 0.2),
+        "eval_b": ("grp", "eval_b", "eval_b", 0.30000000000000004),
+    }
