@@ -175,5 +175,7 @@ def test_pipeline_publishes_each_stage_to_its_own_wandb_run_in_one_group(tmp_pat
         runs[name] = (run.run_group, run.job_type, run.display_name, summary[f"{name}/cams/miou"])
     assert runs == {
         "train_a": ("grp", "train_a", "train_a", 0.2),
-        "eval_b": ("grp", "eval_b", "eval_b", 0.30000000000000004),
+        "eval_b": ("grp", "eval_b", "eval_b", pytest.approx(0.3)),
     }
+    # The training-like stage's own run was continued (no second run in its dashboard folder).
+    assert not (tmp_path / "pipe" / "train_a" / "dashboard" / "wandb").exists()
