@@ -40,6 +40,7 @@ def _stage(tmp_path: Path) -> tuple[Path, Path]:
         "sweep": SWEEP,
         "confusion": [[1, 2], [3, 4]],
     }
+    Image.new("RGB", (64, 48), "blue").save(stage_dir / "cam_sweep.png")  # a figure of clims_pl.plots
     (stage_dir / "metrics").mkdir(parents=True)
     (stage_dir / "metrics" / "cams.json").write_text(json.dumps(result))
     return root, stage_dir
@@ -67,10 +68,11 @@ def test_tensorboard_and_csv_read_back(tmp_path: Path, compose_cfg) -> None:
     # The sweep curve: one point per threshold with an mIoU (None = class-less threshold, left out).
     assert scalar["eval_clims/sweep/miou"] == [(0, 0.25), (1, 0.5)]
     assert [v for _, v in scalar["eval_clims/sweep/threshold"]] == pytest.approx([0.1, 0.2])
-    # 2 panels (dashboard.images) per folder: CAM overlays and pseudo labels, each next to its ground truth.
+    # 2 panels (dashboard.images) per folder: CAM overlays and pseudo labels, each next to its ground truth; figures.
     assert sorted(events.Tags()["images"]) == [
         "eval_clims/images/cams/2007_000001",
         "eval_clims/images/cams/2007_000002",
+        "eval_clims/images/figures/cam_sweep",
         "eval_clims/images/pseudo/2007_000001",
         "eval_clims/images/pseudo/2007_000002",
     ]
@@ -111,7 +113,7 @@ def test_wandb_offline_run_per_stage_read_back(tmp_path: Path, compose_cfg) -> N
     (table,) = media.glob("table/eval_clims/class_iou_*.table.json")
     assert json.loads(table.read_text())["data"] == [["background", 0.5], ["aeroplane", 0.25]]
     images = sorted(p.relative_to(media / "images").parent.as_posix() for p in media.glob("images/**/*.png"))
-    assert images == ["eval_clims/images/cams", "eval_clims/images/pseudo"]
+    assert images == ["eval_clims/images/cams", "eval_clims/images/figures", "eval_clims/images/pseudo"]
 
 
 def _records(path: Path) -> list:

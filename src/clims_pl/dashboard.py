@@ -10,7 +10,8 @@ files, so every stage reaches the logger the same way, Lightning training or not
   ``<stage>/sweep/miou`` and ``<stage>/sweep/threshold`` with step = index in the sweep;
 * ``dashboard.images`` (default ``DEFAULT_IMAGES``) overlay panels next to the ground truth, first ids in order: the
   stage's CAMs (``cams/``), IR labels (``ir_labels/``), pseudo labels (``pseudo/``) and the panels it drew itself
-  (``overlays/``), also written to ``<stage_dir>/dashboard/images/``;
+  (``overlays/``), also written to ``<stage_dir>/dashboard/images/``; and every figure ``<stage_dir>/*.png`` (the
+  report's and the demo's);
 * the stage's resolved config and the Hydra overrides of the pipeline job (the swept values of a multirun) as
   hyperparameters (wandb run config).
 
@@ -79,7 +80,8 @@ def _panel_ids(folder: Path, suffix: str, image_root: Path, count: int) -> list[
 
 
 def panel_sources(stage_dir: Path, cfg: DictConfig, count: int) -> dict[str, Callable[[], Image.Image]]:
-    """Image key → a function drawing that panel, for the stage's CAM and label folders and its own overlays."""
+    """Image key → a function drawing that panel, for the stage's CAM and label folders, its own overlays and
+    figures (all of these, the rest ``count`` per folder)."""
     from clims_pl.evaluate import display_names
     from clims_pl.viz import render_label, render_overlay
 
@@ -92,6 +94,8 @@ def panel_sources(stage_dir: Path, cfg: DictConfig, count: int) -> dict[str, Cal
         for folder in ("ir_labels", "pseudo"):
             for image_id in _panel_ids(stage_dir / folder, ".png", root, count):
                 out[f"{folder}/{image_id}"] = lambda f=folder, i=image_id: render_label(stage_dir / f, root, i, f)
+    for path in sorted(stage_dir.glob("*.png")):  # the stage's figures (report, demo: clims_pl.plots)
+        out[f"figures/{path.stem}"] = lambda p=path: Image.open(p).convert("RGB")
     for group in sorted({p.parent for p in (stage_dir / "overlays").rglob("*.png")}):
         for path in sorted(group.glob("*.png"))[:count]:
             key = path.relative_to(stage_dir).with_suffix("").as_posix()

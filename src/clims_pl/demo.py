@@ -243,7 +243,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
         shown = [i for i in ids if (dirs["diag"] / f"{i}.npz").is_file()][: d.overlays]
         write_refinement_overlays(dirs, root, shown, out / "overlays" / "refinement")
-    demo_figure_of_run(run_dir, out / DEMO_PNG, d.baseline_eval, d.clims_eval, out / "overlays")
+    if d.overlays:  # the figure shows the first overlay of each method
+        demo_figure_of_run(run_dir, out / DEMO_PNG, d.baseline_eval, d.clims_eval, out / "overlays")
     print(text)
     print(f"\nwritten: {out / 'demo_results.json'}, {out / DEMO_PNG} (overlays in {out / 'overlays'})")
     return results
