@@ -181,3 +181,23 @@ def test_pipeline_publishes_each_stage_to_its_own_wandb_run_in_one_group(tmp_pat
     }
     # The training-like stage's own run was continued (no second run in its dashboard folder).
     assert not (tmp_path / "pipe" / "train_a" / "dashboard" / "wandb").exists()
+
+
+def test_swept_values_are_the_jobs_hydra_overrides(tmp_path: Path) -> None:
+    """In a multirun each job's overrides (the swept values) go to every stage run's config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from clims_pl.config import CONF_DIR
+    from clims_pl.dashboard import swept_values
+
+    assert swept_values() == {}  # no Hydra job: nothing swept
+    overrides = ["experiment=toy_ablation", "pipeline.set.clims.loss.alpha=10", f"paths.root_dir={tmp_path}"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("reproduce", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert swept_values()["pipeline.set.clims.loss.alpha"] == "10"
+        assert swept_values()["experiment"] == "toy_ablation"
+    finally:
+        HydraConfig.instance().cfg = None
