@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,9 @@ def swept_values() -> dict[str, str]:
 def _panel_ids(folder: Path, suffix: str, image_root: Path, count: int) -> list[str]:
     """The first ``count`` ids of ``folder``'s files, those with a ground-truth mask first."""
     ids = sorted(p.stem for p in folder.glob(f"*{suffix}"))
-    with_gt = [i for i in ids if (image_root / "SegmentationClass" / f"{i}.png").is_file()]
-    return (with_gt + [i for i in ids if i not in with_gt])[:count]
+    with_gt = list(islice((i for i in ids if (image_root / "SegmentationClass" / f"{i}.png").is_file()), count))
+    shown = set(with_gt)
+    return (with_gt + [i for i in ids if i not in shown])[:count]
 
 
 def panel_sources(stage_dir: Path, cfg: DictConfig, count: int) -> dict[str, Callable[[], Image.Image]]:
@@ -95,12 +97,17 @@ def panel_sources(stage_dir: Path, cfg: DictConfig, count: int) -> dict[str, Cal
             for image_id in _panel_ids(stage_dir / folder, ".png", root, count):
                 out[f"{folder}/{image_id}"] = lambda f=folder, i=image_id: render_label(stage_dir / f, root, i, f)
     for path in sorted(stage_dir.glob("*.png")):  # the stage's figures (report, demo: clims_pl.plots)
-        out[f"figures/{path.stem}"] = lambda p=path: Image.open(p).convert("RGB")
+        out[f"figures/{path.stem}"] = lambda p=path: _read_rgb(p)
     for group in sorted({p.parent for p in (stage_dir / "overlays").rglob("*.png")}):
         for path in sorted(group.glob("*.png"))[:count]:
             key = path.relative_to(stage_dir).with_suffix("").as_posix()
-            out[key] = lambda p=path: Image.open(p).convert("RGB")
+            out[key] = lambda p=path: _read_rgb(p)
     return out
+
+
+def _read_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def write_panels(stage_dir: Path, cfg: DictConfig, count: int) -> dict[str, Path]:
@@ -144,8 +151,7 @@ def _log_images(logger: Logger, stage: str, images: dict[str, Path]) -> None:
         if isinstance(logger, WandbLogger):  # one key each: panel sizes differ
             logger.log_image(key=f"{stage}/images/{key}", images=[str(path)], caption=[key])
         elif isinstance(logger, TensorBoardLogger):
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))
+            pixels = np.asarray(_read_rgb(path))
             logger.experiment.add_image(f"{stage}/images/{key}", pixels, global_step=0, dataformats="HWC")
 
 
