@@ -62,7 +62,18 @@ def _hand_made_sweep(sweep: Path) -> None:
     # Folders sort differently from job numbers: rows must follow the job numbers (the sweep's order).
     _fake_job(sweep, "b_last", 2, "otm_btm_reg_cbs", None, None)  # died before its evaluation
     _fake_job(
-        sweep, "c_first", 0, "otm", {"best_miou": 0.4012, "best_threshold": 0.2, "miou": 0.38, "threshold": 0.15}, 31.5
+        sweep,
+        "c_first",
+        0,
+        "otm",
+        {
+            "best_miou": 0.4012,
+            "best_threshold": 0.2,
+            "miou": 0.38,
+            "threshold": 0.15,
+            "sweep": {"threshold": [0.15, 0.2], "miou": [0.38, 0.4012]},
+        },
+        31.5,
     )
     _fake_job(
         sweep, "a_mid", 1, "otm_btm", {"best_miou": 0.45, "best_threshold": 0.25, "miou": 0.4, "threshold": 0.15}, 20.0
@@ -85,6 +96,7 @@ def test_table_from_a_hand_made_sweep(tmp_path: Path) -> None:
     assert "| job | ablation | CAM mIoU best (thr) | CAM mIoU @ 0.15 | co-occurring-bg false activation (%) |" in md
     assert "| 0 | OTM | 40.1 (0.20) | 38.0 | 31.5 |" in md
     assert "| 2 (eval_clims not finished; demo not finished) | OTM+BTM+REG+CBS | — (—) | — | — |" in md
+    assert "![CAM threshold sweep per job](cam_sweep.png)" in md and (sweep / "cam_sweep.png").stat().st_size > 0
 
 
 def test_cli_help_and_bad_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

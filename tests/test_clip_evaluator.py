@@ -206,3 +206,45 @@ def test_clip_input_size_reads_vit_pairs_and_resnet_ints() -> None:
     resnet = open_clip.create_model("clims-toy-rn", pretrained=None)
     assert isinstance(resnet.visual.image_size, int)
     assert clip_input_size(vit) == 128 and clip_input_size(resnet) == 64
+
+
+def _torchscript_archive(source: torch.nn.Module, path) -> None:
+    """An archive laid out like OpenAI's ViT-B-32.pt: the traced CLIP itself, fp16 tensors, metadata integers."""
+    scripted = copy.deepcopy(source).half().float()  # OpenAI ships fp16; keep tracing in fp32 on the CPU
+    for name, value in (("input_resolution", 64), ("context_length", 77), ("vocab_size", 49408)):
+        scripted.__dict__.pop(name, None)  # open_clip keeps some as plain attributes
+        scripted.register_buffer(name, torch.tensor(value))
+    size = clip_input_size(source)
+    traced = torch.jit.trace_module(scripted, {"encode_image": torch.zeros(1, 3, size, size)})
+    traced.half().save(str(path))
+
+
+def test_weights_from_an_openai_torchscript_archive(tmp_path):
+    """clip.pretrained=ViT-B-32.pt as OpenAI's package downloads it: TorchScript, fp16, with metadata buffers."""
+    from clims_pl.models.clip_weights import is_torchscript
+
+    source = _evaluator(True)
+    torch.nn.init.normal_(source.clip.text_projection)
+    path = tmp_path / "ViT-B-32.pt"
+    _torchscript_archive(source.clip, path)
+    plain = tmp_path / "plain.pt"
+    torch.save(source.clip.state_dict(), plain)
+    assert is_torchscript(path) and not is_torchscript(plain)
+    torch.manual_seed(123)
+    loaded = ClipEvaluator(TINY, pretrained=str(path), precision="fp32")
+    for (name, a), b in zip(source.clip.state_dict().items(), loaded.clip.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a.half().float(), msg=name)  # exactly the archive's fp16 values
+    assert b.dtype == torch.float32
+
+
+def test_foreign_weights_files_are_one_line_naming_the_file(tmp_path):
+    from clims_pl.models.checkpoint import CheckpointError
+
+    resnet = tmp_path / "resnet.pt"
+    torch.save(CAMNet("resnet18", num_classes=4, pretrained=False).state_dict(), resnet)
+    with pytest.raises(CheckpointError, match=r"^clip.pretrained=.*resnet.pt: not weights of clip.model=clims-tiny"):
+        ClipEvaluator(TINY, pretrained=str(resnet), precision="fp32")
+    other = torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2))
+    other.save(str(tmp_path / "linear.pt"))
+    with pytest.raises(CheckpointError, match=r"linear.pt: this TorchScript archive does not hold weights of clip"):
+        ClipEvaluator(TINY, pretrained=str(tmp_path / "linear.pt"), precision="fp32")

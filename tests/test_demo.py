@@ -95,6 +95,10 @@ def test_toy_demo_pipeline_at_ci_size(tmp_path: Path) -> None:
     assert results["clims_miou"] == pytest.approx(100 * cams_json["best_miou"])
     assert (Path(cfg.run_dir) / "demo" / "demo_table.md").read_text().count("|") > 10
     assert any((Path(cfg.run_dir) / "demo" / "overlays" / "clims").glob("*.png"))
+    assert (Path(cfg.run_dir) / "demo" / "demo.png").is_file()
+    assert all(
+        (Path(cfg.run_dir) / "report" / f).is_file() for f in ("cam_sweep.png", "class_iou.png", "wall_times.png")
+    )
     report = (Path(cfg.run_dir) / "report" / "report.md").read_text()
     assert f"| CLIMS CAM mIoU (toy train), best threshold | {results['clims_miou']:.1f} |" in report
     # Rerunning skips every stage.

@@ -217,10 +217,18 @@ def test_sweep_folder_names_must_survive_hydra(tmp_path: Path) -> None:
 
 
 def test_logger_for_stages_with_a_logger_group(tmp_path: Path) -> None:
-    assert {"data", "logger"} <= default_groups("train") and "logger" not in default_groups("infer")
+    assert {"data", "logger"} <= default_groups("train") and "logger" not in default_groups("reproduce")
     assert logger_overrides("train", "wandb", "sweep_7") == ["logger=wandb", "logger.wandb.group=sweep_7"]
-    assert logger_overrides("eval", "csv", "sweep_7") == ["logger=csv"]
-    assert logger_overrides("infer", "wandb", "sweep_7") == [] and logger_overrides("train", None, "g") == []
+    assert logger_overrides("eval", "csv", "sweep_7", "eval_cams") == ["logger=csv"]
+    assert logger_overrides("reproduce", "wandb", "sweep_7") == [] and logger_overrides("train", None, "g") == []
+    # Every stage reaches the logger (each root config has a logger group); on wandb one run per stage.
+    for config in ("train", "infer", "eval", "refine", "report", "demo", "toyclip"):
+        assert logger_overrides(config, "wandb", "g", "cams") == [
+            "logger=wandb",
+            "logger.wandb.group=g",
+            "logger.wandb.name=cams",
+            "logger.wandb.job_type=cams",
+        ], config
     stage = Stage("s", "train", "x:y", (), ("experiment=toy_cam",), ())
     wandb = Stage("s", "train", "x:y", (), ("experiment=toy_cam", *logger_overrides("train", "wandb", "g")), ())
     seeded = Stage("s", "train", "x:y", (), ("experiment=toy_cam", "seed=1"), ())

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clims_pl.io import atomic_write_text
 from clims_pl.pipeline import Stage, finish_wandb_run, read_manifest
+from clims_pl.plots import SWEEP_PNG, figures_markdown, sweep_figure
 from clims_pl.tables import csv_text, fmt, markdown_table
 
 TABLE_MD = "ablation.md"
@@ -89,6 +90,17 @@ def _stage_dir(config: DictConfig, name: str) -> Path:
     return Stage.from_config(name, node).folder(Path(config.run_dir))
 
 
+def eval_metrics(job: Job, eval_stage: str | None) -> dict[str, Any] | None:
+    """The CAM evaluation of a job (its eval stage's manifest metrics: ``clims-eval``'s result, sweep included);
+    None until that stage finished. ``eval_stage`` None: the job's ``ablation_sweep.eval_stage``."""
+    if job.config is None:
+        return None
+    eval_stage = eval_stage or (job.config.get("ablation_sweep") or {}).get("eval_stage")
+    if not eval_stage:
+        raise ValueError(f"{job.dir}: no ablation_sweep.eval_stage in its config.yaml; pass --eval-stage")
+    return (read_manifest(_stage_dir(job.config, eval_stage)) or {}).get("metrics")
+
+
 def job_row(job: Job, keys: Sequence[str], eval_stage: str | None, demo_stage: str | None) -> dict[str, Any]:
     """Settings + metrics of one job (mIoU in %, NaN where a stage has not finished; ``status`` says which)."""
     row: dict[str, Any] = {"job": job.num, **{_column(k): setting_value(job, k) for k in keys}}
@@ -98,10 +110,8 @@ def job_row(job: Job, keys: Sequence[str], eval_stage: str | None, demo_stage: s
     sweep = job.config.get("ablation_sweep") or {}
     eval_stage = eval_stage or sweep.get("eval_stage")
     demo_stage = demo_stage or sweep.get("demo_stage")
-    if not eval_stage:
-        raise ValueError(f"{job.dir}: no ablation_sweep.eval_stage in its config.yaml; pass --eval-stage")
     status = []
-    metrics = (read_manifest(_stage_dir(job.config, eval_stage)) or {}).get("metrics")
+    metrics = eval_metrics(job, eval_stage)
     if metrics:
         row.update(
             miou_best=_pct(metrics.get("best_miou")),
@@ -193,6 +203,7 @@ def aggregate(
 ) -> dict[str, Any]:
     """Write ``ablation.md`` / ``ablation.csv`` into ``sweep_dir`` (and the wandb table when the jobs used wandb).
 
+    With the finished jobs' threshold sweeps as a figure beside the table (``cam_sweep.png``, linked from it).
     Returns ``rows`` (one dict per job), the written paths and ``wandb_run`` (its folder or None).
     """
     sweep_dir = Path(sweep_dir)
@@ -201,7 +212,18 @@ def aggregate(
     rows = [job_row(job, keys, eval_stage, demo_stage) for job in jobs]
     first = next((j.config for j in jobs if j.config is not None), None)
     title = ((first.get("ablation_sweep") or {}).get("title") if first is not None else None) or sweep_dir.name
-    md = render_markdown(title, rows, [_column(k) for k in keys], sweep_dir)
+    settings = [_column(k) for k in keys]
+    md = render_markdown(title, rows, settings, sweep_dir)
+    # One threshold-sweep curve per finished job, labelled with its settings, beside the table.
+    curves = {
+        f"job {row['job']}: " + ", ".join(f"{k}={row[k]}" for k in settings): metrics
+        for job, row in zip(jobs, rows, strict=True)
+        if (metrics := eval_metrics(job, eval_stage)) and metrics.get("sweep")
+    }
+    if curves:
+        md += figures_markdown(
+            {"CAM threshold sweep per job": sweep_figure(curves, sweep_dir / SWEEP_PNG, title)}, sweep_dir / TABLE_MD
+        )
     atomic_write_text(sweep_dir / TABLE_MD, md)
     atomic_write_text(sweep_dir / TABLE_CSV, csv_text(rows))
     print(md)

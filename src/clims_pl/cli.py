@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from clims_pl.config import CONF_DIR
+from clims_pl.dashboard import publish
 from clims_pl.runtime import remove_unused_run_dir
 from clims_pl.stages import REGISTRY, stage_spec
 
@@ -35,11 +36,15 @@ def _hydra_main(stage: str) -> Callable[[], Any]:
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=spec.config)
     def main(cfg: DictConfig) -> Any:
         # The return value matters to optimising sweepers (Optuna reads it); plain runs ignore it.
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            return spec.entry()(cfg)
+            result = spec.entry()(cfg)
         except BaseException:
-            remove_unused_run_dir(Path(HydraConfig.get().runtime.output_dir))
+            remove_unused_run_dir(run_dir)
             raise
+        if stage != "reproduce":  # a pipeline publishes each of its stages itself
+            publish(stage, run_dir, cfg)  # the stage's numbers, curves and pictures to its loggers
+        return result
 
     return main
 

@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 from clims_pl.config import CONF_DIR
+from clims_pl.dashboard import publish
 from clims_pl.io import atomic_write_json
 from clims_pl.provenance import claim, config_hash, fingerprint
 from clims_pl.runtime import prepare_run
@@ -148,9 +149,10 @@ def default_groups(config: str) -> set[str]:
     return {str(k).removeprefix("override ") for d in defaults if isinstance(d, Mapping) for k in d}
 
 
-def logger_overrides(config: str, logger: str | None, wandb_group: str | None) -> list[str]:
-    """``logger=<option>`` for a stage whose root config has a logger group (train, eval); if that option logs to
-    wandb, its runs join ``wandb_group`` so that every stage of a run (every job of a sweep) is shown together."""
+def logger_overrides(config: str, logger: str | None, wandb_group: str | None, stage: str | None = None) -> list[str]:
+    """``logger=<option>`` for a stage whose root config has a logger group (every stage's); if that option logs to
+    wandb, its runs join ``wandb_group`` so that every stage of a run (every job of a sweep) is shown together, one
+    run per stage named after it (``job_type`` = ``stage``)."""
     if not logger or "logger" not in default_groups(config):
         return []
     path = CONF_DIR / "logger" / f"{logger}.yaml"
@@ -161,6 +163,8 @@ def logger_overrides(config: str, logger: str | None, wandb_group: str | None) -
     option = OmegaConf.load(path)
     if wandb_group and ("wandb" in option or "wandb" in (option.get("defaults") or [])):
         out.append(f"logger.wandb.group={hydra_value(str(wandb_group))}")
+        if stage:
+            out += [f"logger.wandb.name={hydra_value(stage)}", f"logger.wandb.job_type={hydra_value(stage)}"]
     return out
 
 
@@ -200,7 +204,10 @@ def stages_from_config(pipeline: DictConfig, default_group: str | None = None) -
         Stage.from_config(
             name,
             node,
-            [*set_overrides(settings.get(name) or {}), *logger_overrides(stage_config(name, node), logger, group)],
+            [
+                *set_overrides(settings.get(name) or {}),
+                *logger_overrides(stage_config(name, node), logger, group, name),
+            ],
         )
         for name, node in nodes.items()
     ]
@@ -334,6 +341,7 @@ def _run_or_skip(
     try:
         with probe(stage, cfg) if probe else nullcontext():
             result = getattr(importlib.import_module(module_name), func_name)(cfg)
+        publish(stage.name, stage_dir, cfg)  # its numbers, curves and pictures to its loggers (clims_pl.dashboard)
     finally:
         finish_wandb_run()
     manifest = {

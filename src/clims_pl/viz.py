@@ -219,6 +219,19 @@ def render_refinement(
     )
 
 
+def render_label(
+    label_dir: str | os.PathLike, image_root: str | os.PathLike, image_id: str, title: str, max_side: int | None = 320
+) -> Image.Image:
+    """image | ``title`` (the label PNG of ``label_dir``: IR labels, pseudo labels) | ground truth, for one id."""
+    from clims_pl.data.voc import load_image
+
+    image = load_image(image_root, image_id)
+    size = _tile_size(*image.shape[:2], max_side)
+    label = colorize_label(read_label_png(Path(label_dir) / f"{image_id}.png"))
+    tiles = [("image", _tile(image, size, nearest=False)), (title, _tile(label, size, nearest=True))]
+    return _assemble([*tiles, _gt_tile(_ground_truth_or_none(image_root, image_id), size)], size)
+
+
 def save_panels(ids: Sequence[str], out_dir: str | os.PathLike, render: Callable[[str], Image.Image]) -> list[Path]:
     """``<out_dir>/<id>.png`` = ``render(id)`` for each id, written atomically; returns the paths."""
     paths = []

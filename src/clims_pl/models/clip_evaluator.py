@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
-from clims_pl.models.checkpoint import load_error
+from clims_pl.models.clip_weights import create_clip
 
 #: Tiny registered architectures for tests and the toy world (``clims-tiny-vit``); registered on construction.
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
@@ -71,8 +71,8 @@ class ClipEvaluator(nn.Module):
     Args:
         model: open_clip architecture. The reference ViT-B/32 is ``ViT-B-32-quickgelu``: OpenAI's weights use
             QuickGELU, and plain ``ViT-B-32`` + ``openai`` silently runs the wrong activation (we refuse it).
-        pretrained: an open_clip tag (``openai``), a local weights file (open_clip or OpenAI CLIP state-dict keys,
-            optionally ``module.``-prefixed), or None for random init (tests, benchmarks, toy).
+        pretrained: an open_clip tag (``openai``), a local weights file (OpenAI's TorchScript archive, or a state
+            dict with open_clip or OpenAI CLIP keys, optionally ``module.``-prefixed), or None for random init (tests, benchmarks, toy).
         precision: ``fp16`` (reference), ``bf16``, ``fp32`` or ``auto`` (see module docstring).
         normalize: ``reference`` (ImageNet-normalised pixels, docs/reference.md#q3-clip-input-pixels) or ``clip`` (re-normalised with CLIP mean/std).
         input_size: CLIP input side; None = the model's (224 for ViT-B/32).
@@ -100,12 +100,7 @@ class ClipEvaluator(nn.Module):
         self.dtype = clip_dtype(self.precision)
         self.model_name = model
         weights = _resolve_pretrained(model, pretrained, cache_dir)
-        try:  # open_clip reads the file with torch.load(weights_only=True)
-            self.clip = open_clip.create_model(model, pretrained=weights, precision=self.precision)
-        except Exception as err:  # a text, truncated or payload file fails in many ways: name the file
-            if weights is None:
-                raise
-            raise load_error("clip.pretrained", weights, err) from err
+        self.clip = create_clip(model, weights, self.precision)
         self.tokenizer = open_clip.get_tokenizer(model)
         self.input_size = int(input_size or clip_input_size(self.clip))
         self.fused = fused

@@ -31,6 +31,7 @@ from clims_pl.data.voc import load_mask, read_split
 from clims_pl.io import atomic_write_json, atomic_write_text
 from clims_pl.metrics import cam_prediction, miou_from_confusion, segmentation_confusion
 from clims_pl.pipeline import read_manifest
+from clims_pl.plots import DEMO_PNG, demo_figure_of_run
 from clims_pl.runtime import prepare_run
 from clims_pl.tables import markdown_table
 from clims_pl.viz import write_overlays, write_refinement_overlays
@@ -239,6 +240,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
         shown = [i for i in ids if (dirs["diag"] / f"{i}.npz").is_file()][: d.overlays]
         write_refinement_overlays(dirs, root, shown, out / "overlays" / "refinement")
+    if d.overlays:  # the figure shows the first overlay of each method
+        demo_figure_of_run(run_dir, out / DEMO_PNG, d.baseline_eval, d.clims_eval, out / "overlays")
     print(text)
-    print(f"\nwritten: {out / 'demo_results.json'} (overlays in {out / 'overlays'})")
+    print(f"\nwritten: {out / 'demo_results.json'}, {out / DEMO_PNG} (overlays in {out / 'overlays'})")
     return results

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clims_pl.io import atomic_write_text
 from clims_pl.pipeline import MANIFEST, read_manifest
+from clims_pl.plots import figures_markdown, run_figures
 from clims_pl.runtime import prepare_run
 from clims_pl.tables import csv_text, fmt, markdown_table
 
@@ -93,13 +94,17 @@ def render_markdown(title: str, table: list[dict[str, Any]], times: list[tuple[s
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Write ``report.md`` and ``report.csv`` into the stage dir; return ``{metric key: ours}``."""
+    """Write ``report.md`` and ``report.csv`` into the stage dir, with the run's figures (clims_pl.plots) beside
+    them and linked from ``report.md``; return ``{metric key: ours}``."""
     out = prepare_run(cfg)
     run_dir = Path(cfg.report.run_dir)
     reference = yaml.safe_load(Path(cfg.report.get("reference") or REFERENCE_FILE).read_text())
     rows = OmegaConf.to_container(cfg.report.rows, resolve=True)
     table = collect_rows(run_dir, rows, reference)
-    md = render_markdown(cfg.report.title, table, stage_times(run_dir), git_commit())
+    times = stage_times(run_dir)
+    md = render_markdown(cfg.report.title, table, times, git_commit())
+    figures = run_figures(run_dir, out, [(name, wall) for name, wall, _ in times])
+    md += figures_markdown(figures, out / "report.md")
     atomic_write_text(out / "report.md", md)
     atomic_write_text(out / "report.csv", csv_text(table, ["metric"]))
     print(md)
