@@ -12,15 +12,18 @@ import torch
 import torch.nn.functional as F
 from cam_fixtures import write_voc_root
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from clims_pl.data.imageio import VOC_PALETTE, save_label_png
-from clims_pl.metrics import deeplab_scores
+from clims_pl.dashboard import publish
+from clims_pl.data.imageio import VOC_PALETTE, read_label_png, save_label_png
+from clims_pl.metrics import deeplab_scores, pair_confusion
 from clims_pl.models.deeplab import DeepLabV2
 from clims_pl.modules.seg import SegModule, balanced_cross_entropy, resize_labels
 from clims_pl.optim import poly_factor
 from clims_pl.stages import seg_eval
 from clims_pl.stages.seg_eval import crf_image, evaluate_val, export_test
 from clims_pl.stages.train import run as train_run
+from clims_pl.viz import GAP, TITLE_HEIGHT
 
 
 def test_balanced_ce_by_hand() -> None:
@@ -132,11 +135,20 @@ def test_val_scores_and_test_export(voc_with_test, tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = DeepLabV2("resnet18", num_classes=20, pretrained=False).eval()
     crf = {"iterations": 2, "bilateral_sxy": 10}
-    result = evaluate_val(net, str(root), ["v1", "v2"], gt="voc", crf=crf)
+    kept = tmp_path / "val"
+    result = evaluate_val(net, str(root), ["v1", "v2"], gt="voc", crf=crf, save=["v2"], save_dir=kept)
     assert result["num_images"] == 2
     conf = np.asarray(result["confusion"])
     assert conf.shape == (21, 21) and conf.sum() == 40 * 52 + 33 * 47 - 52 - 47  # row 0 of each mask is 255
     assert 0.0 <= result["plain"]["miou"] <= 1.0 and 0.0 <= result["crf"]["miou"] <= 1.0
+    # The kept predictions (only v2) are the scored ones: with v1's from its own evaluation they give the scores.
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*.png")) == ["crf/v2.png", "plain/v2.png"]
+    alone = evaluate_val(net, str(root), ["v1"], gt="voc", crf=crf, save=["v1"], save_dir=kept)
+    masks = {i: read_label_png(root / "SegmentationClass" / f"{i}.png") for i in ("v1", "v2")}
+    for kind in ("plain", "crf"):
+        total = sum(pair_confusion(read_label_png(kept / kind / f"{i}.png"), masks[i], 21) for i in masks)
+        assert deeplab_scores(total) == result[kind]
+    assert np.array_equal(pair_confusion(read_label_png(kept / "plain/v1.png"), masks["v1"], 21), alone["confusion"])
     archive = export_test(net, str(root), ["t1"], tmp_path / "seg", crf=crf, reference_bug=True)
     png = tmp_path / "seg" / "results/VOC2012/Segmentation/comp5_test_cls/t1.png"
     with Image.open(png) as img:
@@ -178,16 +190,45 @@ def test_toy_seg_trains_then_evaluates(voc_with_test, tmp_path: Path, compose_cf
             f"ckpt={ckpt}",
             "+trunk@model.net=toy",  # the architecture experiment=toy_seg trained (as experiment=toy_demo does)
             "data.classes=[aeroplane,boat,cow,train]",
+            "data.prompts=toy",  # the bank of these classes (publish names them)
             "seg_eval.val_gt=voc",
             "seg_eval.device=cpu",
             "seg_eval.num_workers=0",
             "seg_eval.crf.params.iterations=1",
+            "seg_eval.save_val=1",
+            "logger=tensorboard",
         ],
     )
     result = seg_eval.run(eval_cfg)
     assert result["plain"]["miou"] is not None and "crf" in result
     assert Path(eval_cfg.seg_eval.metrics_path).is_file()
     assert Path(result["test_archive"]).is_file()
+    # The first save_val=1 val id keeps its predictions and a panel image | prediction | CRF | ground truth.
+    out = Path(eval_cfg.seg_eval.out_dir)
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/**/*.png")) == [
+        "overlays/seg_val/v1.png",
+        "results/VOC2012/Segmentation/comp5_test_cls/t1.png",
+        "seg_val/crf/v1.png",
+        "seg_val/plain/v1.png",
+    ]
+    panel = np.asarray(Image.open(out / "overlays/seg_val/v1.png"))
+    assert panel.shape == (40 + TITLE_HEIGHT, 4 * 52 + 3 * GAP, 3)
+    for tile, label in ((1, "plain"), (2, "crf"), (3, None)):  # tiles after the image, at full size (52 x 40)
+        x = tile * (52 + GAP)
+        expected = read_label_png(
+            root / "SegmentationClass/v1.png" if label is None else out / f"seg_val/{label}/v1.png"
+        )
+        assert np.array_equal(panel[TITLE_HEIGHT:, x : x + 52], VOC_PALETTE[expected])
+    # The dashboard logs the panel as an image (read back from the TensorBoard event file).
+    publish("seg_eval", out, eval_cfg)
+    events = EventAccumulator(str(out / "dashboard" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["seg_eval/images/overlays/seg_val/v1"]
+    assert events.Scalars("seg_eval/seg_val/plain/miou")[0].value == pytest.approx(result["plain"]["miou"])
+    # A rerun keeping none clears what the earlier settings kept.
+    eval_cfg.seg_eval.save_val, eval_cfg.seg_eval.test_split = 0, None
+    seg_eval.run(eval_cfg)
+    assert not list((out / "seg_val").rglob("*.png")) and not list((out / "overlays").rglob("*.png"))
 
 
 def test_caffe_trunk_refuses_imagenet_normalised_data_and_hub_weights() -> None:

@@ -85,7 +85,7 @@ def panel_sources(stage_dir: Path, cfg: DictConfig, count: int) -> dict[str, Cal
     """Image key → a function drawing that panel, for the stage's CAM and label folders, its own overlays and
     figures (all of these, the rest ``count`` per folder)."""
     from clims_pl.evaluate import display_names
-    from clims_pl.viz import render_label, render_overlay
+    from clims_pl.viz import render_labels, render_overlay
 
     out: dict[str, Callable[[], Image.Image]] = {}
     data = cfg.get("data")
@@ -95,7 +95,7 @@ def panel_sources(stage_dir: Path, cfg: DictConfig, count: int) -> dict[str, Cal
             out[f"cams/{image_id}"] = lambda i=image_id: render_overlay(stage_dir / "cams", root, i, names)
         for folder in ("ir_labels", "pseudo"):
             for image_id in _panel_ids(stage_dir / folder, ".png", root, count):
-                out[f"{folder}/{image_id}"] = lambda f=folder, i=image_id: render_label(stage_dir / f, root, i, f)
+                out[f"{folder}/{image_id}"] = lambda f=folder, i=image_id: render_labels({f: stage_dir / f}, root, i)
     for path in sorted(stage_dir.glob("*.png")):  # the stage's figures (report, demo: clims_pl.plots)
         out[f"figures/{path.stem}"] = lambda p=path: _read_rgb(p)
     for group in sorted({p.parent for p in (stage_dir / "overlays").rglob("*.png")}):

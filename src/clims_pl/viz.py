@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,16 +219,22 @@ def render_refinement(
     )
 
 
-def render_label(
-    label_dir: str | os.PathLike, image_root: str | os.PathLike, image_id: str, title: str, max_side: int | None = 320
+def render_labels(
+    label_dirs: Mapping[str, str | os.PathLike],
+    image_root: str | os.PathLike,
+    image_id: str,
+    max_side: int | None = 320,
 ) -> Image.Image:
-    """image | ``title`` (the label PNG of ``label_dir``: IR labels, pseudo labels) | ground truth, for one id."""
+    """image | the label PNG of each folder of ``label_dirs`` (title → folder, in order) | ground truth, for one id
+    (DeepLab's val panels: prediction and CRF prediction side by side)."""
     from clims_pl.data.voc import load_image
 
     image = load_image(image_root, image_id)
     size = _tile_size(*image.shape[:2], max_side)
-    label = colorize_label(read_label_png(Path(label_dir) / f"{image_id}.png"))
-    tiles = [("image", _tile(image, size, nearest=False)), (title, _tile(label, size, nearest=True))]
+    tiles = [("image", _tile(image, size, nearest=False))]
+    for title, label_dir in label_dirs.items():
+        label = colorize_label(read_label_png(Path(label_dir) / f"{image_id}.png"))
+        tiles.append((title, _tile(label, size, nearest=True)))
     return _assemble([*tiles, _gt_tile(_ground_truth_or_none(image_root, image_id), size)], size)
 
 
