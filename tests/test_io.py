@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clims_pl.io import STALE_TEMP_S, atomic_path, atomic_save_npz, atomic_write_text, remove_stale_temps
+from clims_pl.io import (
+    STALE_TEMP_S,
+    atomic_path,
+    atomic_save_npz,
+    atomic_write_text,
+    cached_npz,
+    remove_stale_temps,
+)
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o002, 0o664), (0o022, 0o644), (0o077, 0o600)])
@@ -51,3 +58,31 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
         assert tmp.name.startswith(f".out.bin.clims-{socket.gethostname()}-{os.getpid()}.")
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cached_npz_builds_once_and_rebuilds_an_unreadable_or_rejected_cache(tmp_path: Path) -> None:
+    calls = []
+
+    def build() -> dict[str, np.ndarray]:
+        calls.append(1)
+        return {"x": np.arange(3) * len(calls)}
+
+    def read(data) -> list[int]:
+        if data["x"].shape != (3,):
+            raise ValueError("another shape")
+        return data["x"].tolist()
+
+    cache = tmp_path / "c" / "a.npz"
+    assert cached_npz(cache, read, build) == [0, 1, 2] and len(calls) == 1
+    assert cached_npz(cache, read, build) == [0, 1, 2] and len(calls) == 1  # read back, not built
+    cache.write_bytes(b"PK\x03\x04 truncated")
+    assert cached_npz(cache, read, build) == [0, 2, 4] and len(calls) == 2  # unreadable: rebuilt and saved
+    cache.write_bytes(b"")
+    assert cached_npz(cache, read, build) == [0, 3, 6] and len(calls) == 3  # empty: rebuilt
+    atomic_save_npz(cache, x=np.zeros(5))
+    assert cached_npz(cache, read, build) == [0, 4, 8] and len(calls) == 4  # rejected by read: rebuilt
+    atomic_save_npz(cache, y=np.zeros(3))
+    assert cached_npz(cache, read, build) == [0, 5, 10]  # a missing key: rebuilt
+    with np.load(cache) as saved:
+        assert saved["x"].tolist() == [0, 5, 10]
+    assert cached_npz(None, read, build) == [0, 6, 12] and len(calls) == 6  # no cache: built every time

@@ -1,4 +1,4 @@
-"""Atomic file writes shared by every stage.
+"""Atomic file writes shared by every stage, and the .npz caches read back from them (``cached_npz``).
 
 Every artifact is written to a temporary name in the same folder and renamed into place, so a killed
 process never leaves a half-written file under the final name: a reader either sees the old file, the
@@ -14,12 +14,15 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 #: Temp names carry the writer's host and pid, so a starting stage can tell its own stale temps from a live writer's.
 _TEMP = re.compile(r"^\..+\.clims-(?P<host>.+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
@@ -92,6 +95,29 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def cached_npz(
+    path: str | os.PathLike | None,
+    read: Callable[[Mapping[str, np.ndarray]], T],
+    build: Callable[[], dict[str, np.ndarray]],
+) -> T:
+    """``read`` of the .npz cache ``path``, or of ``build()``'s arrays, saved there atomically, when the cache is
+    missing, unreadable (empty, not a zip) or rejected (``read`` raises ValueError or KeyError); ``path`` None: no
+    cache.
+
+    The caller's cache name must hash everything the arrays depend on: a readable cache is trusted.
+    """
+    if path is not None and Path(path).is_file():
+        try:
+            with np.load(path) as data:
+                return read(data)
+        except (OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError):
+            pass  # empty, truncated, unreadable or older cache: rebuild it below
+    arrays = build()
+    if path is not None:
+        atomic_save_npz(path, **arrays)
+    return read(arrays)
 
 
 def _json_default(obj: Any) -> Any:

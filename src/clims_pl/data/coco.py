@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clims_pl.data.imageio import decode_image, save_label_png
-from clims_pl.io import atomic_save_npz, atomic_write_json
+from clims_pl.io import atomic_write_json, cached_npz
 
 #: The 80 COCO category names in category-id order (= channel order, the reference's ``category_map`` 1..80).
 COCO_CLASSES: tuple[str, ...] = (
@@ -186,26 +186,21 @@ def coco_labels(
     path = annotation_file(root, split)
     stat = path.stat()
     key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, split, list(classes)])
+
+    def build() -> dict[str, np.ndarray]:
+        api = coco_api(root, split)
+        channel = category_channels(api, classes, str(path))
+        numeric = _numeric_ids(api, split)
+        labels = np.zeros((len(numeric), len(classes)), dtype=np.float32)
+        for row, image in enumerate(numeric):
+            for ann in api.imgToAnns.get(image, []):
+                labels[row, channel[int(ann["category_id"])]] = 1.0
+        return {"ids": np.array([Path(api.imgs[i]["file_name"]).stem for i in numeric]), "labels": labels}
+
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f"coco-labels-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
-        if cache.is_file():
-            try:
-                with np.load(cache) as data:
-                    return [str(i) for i in data["ids"]], data["labels"]
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable cache: rebuild below
-    api = coco_api(root, split)
-    channel = category_channels(api, classes, str(path))
-    numeric = _numeric_ids(api, split)
-    labels = np.zeros((len(numeric), len(classes)), dtype=np.float32)
-    for row, image in enumerate(numeric):
-        for ann in api.imgToAnns.get(image, []):
-            labels[row, channel[int(ann["category_id"])]] = 1.0
-    ids = [Path(api.imgs[i]["file_name"]).stem for i in numeric]
-    if cache is not None:
-        atomic_save_npz(cache, ids=np.array(ids), labels=labels)
-    return ids, labels
+    return cached_npz(cache, lambda data: ([str(i) for i in data["ids"]], data["labels"]), build)
 
 
 def semantic_mask(api: Any, image: int, channel: dict[int, int]) -> np.ndarray:

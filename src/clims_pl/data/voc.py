@@ -11,13 +11,13 @@ import json
 import os
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from clims_pl.data.imageio import decode_image
-from clims_pl.io import atomic_save_npz
+from clims_pl.io import cached_npz
 
 #: Channel order everywhere; segmentation label = index + 1, 0 = background (docs/reference.md#image-level-labels).
 VOC_CLASSES: tuple[str, ...] = (
@@ -199,32 +199,30 @@ def image_labels(
     """
     root = validate_voc_root(root)
     ids, classes = list(ids), list(classes)
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"labels-{_labels_cache_key(root, ids, classes)}.npz"
-        if cache.is_file():
-            try:
-                with np.load(cache) as data:
-                    labels, unknown = data["labels"], json.loads(str(data["unknown"]))
-                if labels.shape == (len(ids), len(classes)):
-                    _report_unknown_objects(root, unknown, strict=strict)
-                    return labels
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable or older cache: rebuild it below
-    labels = np.zeros((len(ids), len(classes)), dtype=np.float32)
-    unknown: dict[str, list[str]] = {}
-    for row, image_id in enumerate(ids):
-        xml_path = root / "Annotations" / f"{image_id}.xml"
-        if not xml_path.is_file():
-            raise VOCRootError(
-                f"{xml_path} not found: the split lists an id the dataset lacks; "
-                f"re-extract with `clims-data download voc --root {root}`"
-            )
-        labels[row], names = parse_labels(xml_path, classes)
-        for name in names:
-            unknown.setdefault(name, []).append(xml_path.name)
-    if cache is not None:
-        atomic_save_npz(cache, labels=labels, unknown=np.array(json.dumps(unknown)))
+
+    def read(data: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, list[str]]]:
+        labels = data["labels"]
+        if labels.shape != (len(ids), len(classes)):
+            raise ValueError(f"cached labels of shape {labels.shape}")
+        return labels, json.loads(str(data["unknown"]))
+
+    def build() -> dict[str, np.ndarray]:
+        labels = np.zeros((len(ids), len(classes)), dtype=np.float32)
+        unknown: dict[str, list[str]] = {}
+        for row, image_id in enumerate(ids):
+            xml_path = root / "Annotations" / f"{image_id}.xml"
+            if not xml_path.is_file():
+                raise VOCRootError(
+                    f"{xml_path} not found: the split lists an id the dataset lacks; "
+                    f"re-extract with `clims-data download voc --root {root}`"
+                )
+            labels[row], names = parse_labels(xml_path, classes)
+            for name in names:
+                unknown.setdefault(name, []).append(xml_path.name)
+        return {"labels": labels, "unknown": np.array(json.dumps(unknown))}
+
+    cache = None if cache_dir is None else Path(cache_dir) / f"labels-{_labels_cache_key(root, ids, classes)}.npz"
+    labels, unknown = cached_npz(cache, read, build)
     _report_unknown_objects(root, unknown, strict=strict)
     return labels
 
