@@ -12,6 +12,7 @@ import torch
 from cam_fixtures import write_voc_root
 
 from clims_pl.data.affinity import AffinityDataset, affinity_labels
+from clims_pl.data.imageio import save_label_png
 from clims_pl.models.irn import IRNet
 from clims_pl.modules.irn import IRNModule, affinity_loss
 from clims_pl.refine.path_index import PathIndex
@@ -109,6 +110,9 @@ def test_affinity_dataset_item(tmp_path: Path) -> None:
     assert item["label"].shape == (16, 16) and item["label"].dtype == torch.int64
     allowed = set(np.unique(masks["a"]).tolist()) | {255}
     assert set(item["label"].unique().tolist()) <= allowed
+    save_label_png(tmp_path / "voc" / "SegmentationClass" / "a.png", masks["a"][:, :80])  # another image's label
+    with pytest.raises(ValueError, match=r"a\.png: size \(60, 80\) differs from the image's \(60, 90\).*rerun"):
+        dataset[0]
 
 
 def test_toy_irn_experiment_trains(tmp_path: Path, compose_cfg) -> None:

@@ -76,9 +76,8 @@ class AffinityDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
-        image, label = load_image(self.root, image_id), load_label(self.label_dir, image_id)
-        if image.shape[:2] != label.shape:
-            raise ValueError(f"{self.label_dir / image_id}.png: size {label.shape} differs from the image's")
+        image = load_image(self.root, image_id)
+        label = load_label(self.label_dir, image_id, image.shape[:2])
         lo, hi = self.rescale
         scale = lo + random.random() * (hi - lo)
         image = imagenet_normalize(pil_rescale(image, scale, Image.Resampling.BICUBIC))

@@ -44,9 +44,17 @@ def normalize(image: np.ndarray, mode: Normalization) -> np.ndarray:
     raise ValueError(f"data.normalization must be 'imagenet' or 'caffe_bgr', got {mode!r}")
 
 
-def load_label(label_dir: str | os.PathLike, image_id: str) -> np.ndarray:
-    """(H, W) uint8 label of ``<label_dir>/<id>.png`` (pseudo or IR labels), with a clear error when missing."""
-    return read_label_png(Path(label_dir) / f"{image_id}.png")
+def load_label(label_dir: str | os.PathLike, image_id: str, size: tuple[int, ...]) -> np.ndarray:
+    """(H, W) uint8 label of ``<label_dir>/<id>.png`` (pseudo or IR labels), with a clear error when missing or
+    not of the image's ``size`` (H, W)."""
+    path = Path(label_dir) / f"{image_id}.png"
+    label = read_label_png(path)
+    if label.shape != tuple(size):
+        raise ValueError(
+            f"{path}: size {label.shape} differs from the image's {tuple(size)}; the labels in {label_dir} were "
+            "made for other images: rerun the stage that wrote them on this data.root"
+        )
+    return label
 
 
 def scale_pad_crop_flip(
@@ -102,9 +110,7 @@ class SegTrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
         image = normalize(load_image(self.root, image_id), self.normalization)
-        label = load_label(self.label_dir, image_id)
-        if image.shape[:2] != label.shape:
-            raise ValueError(f"{self.label_dir / image_id}.png: size {label.shape} differs from the image's")
+        label = load_label(self.label_dir, image_id, image.shape[:2])
         image, label = scale_pad_crop_flip(image, label, self.scales, self.crop_size, self.flip)
         return {"image": to_tensor(image), "label": torch.from_numpy(label.astype(np.int64)), "id": image_id}
 
