@@ -73,25 +73,25 @@ def normalize(image: np.ndarray, mode: Normalization) -> np.ndarray:
     raise ValueError(f"data.normalization must be 'imagenet' or 'caffe_bgr', got {mode!r}")
 
 
-class RandomResizeLong(A.DualTransform):
-    """Rescale so that the long side is an integer drawn uniformly from [lo, hi] (reference random_resize_long).
+class _RandomPilRescale(A.DualTransform):
+    """A random rescale done with PIL as the reference's ``pil_rescale``: target size (round(h·s), round(w·s)) for
+    the factor s of :meth:`draw`; images bicubic (antialiased when shrinking), masks nearest."""
 
-    Target size = (round(h·s), round(w·s)) with s = L / max(h, w); images bicubic, masks nearest.
-    """
+    #: The option named when [lo, hi] is invalid.
+    option = "range"
 
-    class InitSchema(A.core.transforms_interface.BaseTransformInitSchema):
-        lo: int
-        hi: int
-
-    def __init__(self, lo: int, hi: int, p: float = 1.0) -> None:
+    def __init__(self, lo: float, hi: float, p: float = 1.0) -> None:
         super().__init__(p=p)
         if not 0 < lo <= hi:
-            raise ValueError(f"resize_long must be [lo, hi] with 0 < lo <= hi, got [{lo}, {hi}]")
+            raise ValueError(f"{self.option} must be [lo, hi] with 0 < lo <= hi, got [{lo}, {hi}]")
         self.lo, self.hi = lo, hi
+
+    def draw(self, h: int, w: int) -> float:
+        raise NotImplementedError
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
-        scale = self.py_random.randint(self.lo, self.hi) / max(h, w)
+        scale = self.draw(h, w)
         return {"size": (round(h * scale), round(w * scale))}
 
     def apply(self, img: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
@@ -104,35 +104,37 @@ class RandomResizeLong(A.DualTransform):
         return ("lo", "hi")
 
 
-class RandomRescale(A.DualTransform):
-    """Rescale by a factor s drawn uniformly from [lo, hi) (reference ``imutils.random_scale``, IRN training).
+class RandomResizeLong(_RandomPilRescale):
+    """Rescale so that the long side is an integer drawn uniformly from [lo, hi] (reference random_resize_long):
+    s = L / max(h, w)."""
 
-    Target size = (round(h·s), round(w·s)) as ``pil_rescale``; images bicubic, masks nearest (both PIL).
-    """
+    option = "resize_long"
+
+    class InitSchema(A.core.transforms_interface.BaseTransformInitSchema):
+        lo: int
+        hi: int
+
+    def __init__(self, lo: int, hi: int, p: float = 1.0) -> None:  # albumentations validates each class's own
+        super().__init__(lo, hi, p=p)
+
+    def draw(self, h: int, w: int) -> float:
+        return self.py_random.randint(self.lo, self.hi) / max(h, w)
+
+
+class RandomRescale(_RandomPilRescale):
+    """Rescale by a factor s drawn uniformly from [lo, hi) (reference ``imutils.random_scale``, IRN training)."""
+
+    option = "rescale"
 
     class InitSchema(A.core.transforms_interface.BaseTransformInitSchema):
         lo: float
         hi: float
 
     def __init__(self, lo: float, hi: float, p: float = 1.0) -> None:
-        super().__init__(p=p)
-        if not 0 < lo <= hi:
-            raise ValueError(f"rescale must be [lo, hi] with 0 < lo <= hi, got [{lo}, {hi}]")
-        self.lo, self.hi = lo, hi
+        super().__init__(lo, hi, p=p)
 
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        h, w = params["shape"][:2]
-        scale = self.py_random.uniform(self.lo, self.hi)  # lo + random()·(hi − lo), as the reference
-        return {"size": (round(h * scale), round(w * scale))}
-
-    def apply(self, img: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
-        return pil_resize(img, size, Image.Resampling.BICUBIC)
-
-    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
-        return pil_resize(mask, size, Image.Resampling.NEAREST)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("lo", "hi")
+    def draw(self, h: int, w: int) -> float:
+        return self.py_random.uniform(self.lo, self.hi)  # lo + random()·(hi − lo), as the reference
 
 
 class RandomScaleChoice(A.DualTransform):
@@ -230,6 +232,20 @@ def _normalize() -> A.Normalize:
     return A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0)
 
 
+def _random_crop(crop_size: int, pad_position: Literal["random", "top_left"]) -> A.RandomCrop:
+    """Random S × S window; a shorter axis is first padded to S (image 0 = the mean colour, masks 255), the image
+    at a random offset (CAM / IRN ``random_crop``) or at the top-left (DeepLab ``VOCAug``)."""
+    return A.RandomCrop(
+        crop_size,
+        crop_size,
+        pad_if_needed=True,
+        pad_position=pad_position,
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=0,
+        fill_mask=IGNORE_INDEX,
+    )
+
+
 def train_transform(
     crop_size: int,
     resize_long: Sequence[int] | None,
@@ -257,17 +273,7 @@ def train_transform(
     steps.append(_normalize())
     if hflip:
         steps.append(A.HorizontalFlip(p=0.5))
-    steps.append(
-        A.RandomCrop(
-            crop_size,
-            crop_size,
-            pad_if_needed=True,
-            pad_position="random",
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            fill_mask=IGNORE_INDEX,
-        )
-    )
+    steps.append(_random_crop(crop_size, "random"))
     if mask_stride > 1:
         steps.append(MaskStride(mask_stride))
     steps.append(ToTensorV2())
@@ -290,15 +296,7 @@ def seg_train_transform(
     steps: list[A.BasicTransform] = [
         ReferenceNormalize(normalization),
         RandomScaleChoice(scales),
-        A.RandomCrop(
-            crop_size,
-            crop_size,
-            pad_if_needed=True,
-            pad_position="top_left",
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            fill_mask=IGNORE_INDEX,
-        ),
+        _random_crop(crop_size, "top_left"),
     ]
     if hflip:
         steps.append(A.HorizontalFlip(p=0.5))
