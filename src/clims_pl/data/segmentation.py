@@ -175,6 +175,8 @@ class SegDataModule(LabelDirDataModule):
         super().__init__(root, label_dir, classes, train_split, batch_size, num_workers, crop_size)
         self.val_split = val_split
         self.scales = tuple(check_number("data.scales", s, gt=0) for s in scales)
+        if not self.scales:
+            raise ValueError("data.scales is empty: give the training scales to draw from, e.g. [1.0]")
         self.flip = flip
         self.normalization, self.val_gt = normalization, val_gt
 
