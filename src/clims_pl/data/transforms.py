@@ -13,6 +13,7 @@ geometry with PIL nearest-neighbour resizing. Every pipeline draws from albument
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -210,10 +211,20 @@ class ReferenceNormalize(A.ImageOnlyTransform):
         return ("mode",)
 
 
+def seed_transform(transform: A.Compose, seed: int) -> A.Compose:
+    """Seed every step of ``transform`` from one shared stream, as the reference draws from one Python ``random``.
+
+    ``Compose.set_random_seed`` (and ``Compose(seed=)``) give each step its own generator with the same seed in
+    albumentations 2.0.8, so the steps replay one sequence: the long side drawn by the rescale would set the crop
+    offset (correlation 0.9) and two p = 0.5 steps would always agree.
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return transform
+
+
 def seed_from_torch(transform: A.Compose) -> A.Compose:
     """Seed ``transform`` from torch's global generator, so that ``seed_everything`` repeats num_workers=0 runs."""
-    transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-    return transform
+    return seed_transform(transform, int(torch.randint(0, 2**31 - 1, ()).item()))
 
 
 def seed_worker_transform(worker_id: int) -> None:
@@ -225,7 +236,7 @@ def seed_worker_transform(worker_id: int) -> None:
     """
     info = get_worker_info()
     if info is not None and isinstance(getattr(info.dataset, "transform", None), A.Compose):
-        info.dataset.transform.set_random_seed(info.seed % 2**32)
+        seed_transform(info.dataset.transform, info.seed % 2**32)
 
 
 def _normalize() -> A.Normalize:
