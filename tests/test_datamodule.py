@@ -18,10 +18,9 @@ from clims_pl.data.datamodule import (
     MultiScaleDataset,
     VOCDataModule,
     collate_multiscale,
-    seed_worker_transform,
 )
 from clims_pl.data.toy import TOY_CLASSES, ToyError, generate_toy
-from clims_pl.data.transforms import imagenet_normalize, train_transform
+from clims_pl.data.transforms import imagenet_normalize, seed_worker_transform, train_transform
 from clims_pl.data.voc import VOC_CLASSES, image_labels, load_image
 
 TOY = {"seed": 0, "size": 64, "n_train_aug": 16, "n_train": 4, "n_val": 6}

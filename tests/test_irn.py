@@ -11,7 +11,7 @@ import pytest
 import torch
 from cam_fixtures import write_voc_root
 
-from clims_pl.data.affinity import AffinityDataset, affinity_labels
+from clims_pl.data.affinity import AffinityDataModule, affinity_labels
 from clims_pl.data.imageio import save_label_png
 from clims_pl.models.irn import IRNet
 from clims_pl.modules.irn import IRNModule, affinity_loss
@@ -104,7 +104,10 @@ def test_training_steps_lower_the_affinity_loss() -> None:
 
 def test_affinity_dataset_item(tmp_path: Path) -> None:
     masks = write_voc_root(tmp_path / "voc", {"a": (60, 90)})
-    dataset = AffinityDataset(tmp_path / "voc", ["a"], tmp_path / "voc" / "SegmentationClass", crop_size=64)
+    data = AffinityDataModule(
+        tmp_path / "voc", tmp_path / "voc" / "SegmentationClass", ["x"] * 20, "train", 1, 0, crop_size=64
+    )
+    dataset = data.train_dataloader().dataset
     item = dataset[0]
     assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
     assert item["label"].shape == (16, 16) and item["label"].dtype == torch.int64

@@ -17,12 +17,19 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from clims_pl.config import check_number
 from clims_pl.data import coco
 from clims_pl.data.toy import generate_toy
-from clims_pl.data.transforms import imagenet_normalize, pil_resize, train_transform, val_transform
+from clims_pl.data.transforms import (
+    imagenet_normalize,
+    pil_resize,
+    seed_from_torch,
+    seed_worker_transform,
+    train_transform,
+    val_transform,
+)
 from clims_pl.data.voc import check_train_aug, image_labels, load_image, read_split, validate_voc_root
 from clims_pl.prompts.bank import PromptBank, load_prompt_bank
 
@@ -40,18 +47,6 @@ class ClassificationDataset(Dataset):
         image_id = self.ids[index]
         image = self.transform(image=load_image(self.root, image_id))["image"]
         return {"image": image, "label": torch.from_numpy(self.labels[index].copy()), "id": image_id}
-
-
-def seed_worker_transform(worker_id: int) -> None:
-    """DataLoader worker_init_fn: give each worker's albumentations pipeline its own seed.
-
-    albumentations 2.x keeps its own random generators, seeded once when the Compose is built; forked
-    workers would otherwise all replay the same augmentation sequence. The worker seed is PyTorch's
-    (base seed drawn from the global generator + worker id), so runs under ``seed_everything`` repeat.
-    """
-    info = get_worker_info()
-    if info is not None and isinstance(getattr(info.dataset, "transform", None), A.Compose):
-        info.dataset.transform.set_random_seed(info.seed % 2**32)
 
 
 class MultiScaleDataset(Dataset):
@@ -235,9 +230,7 @@ class VOCDataModule(L.LightningDataModule):
                 f"split {self.hparams.train_split!r} has {len(ids)} images, fewer than data.batch_size="
                 f"{self.hparams.batch_size}: with drop_last there would be no batch; lower the batch size"
             )
-        transform = train_transform(self.hparams.crop_size, self.hparams.resize_long)
-        # Seed from torch's global generator so that seed_everything makes num_workers=0 runs repeat too.
-        transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        transform = seed_from_torch(train_transform(self.hparams.crop_size, self.hparams.resize_long))
         dataset = ClassificationDataset(self.root, ids, labels, transform)
         return self._loader(
             dataset,

@@ -1,47 +1,34 @@
 """DeepLab-v2 data (docs/reference.md#deeplab-training): images + label PNGs (pseudo labels for training, VOC masks for val/test).
 
-Training augmentation follows the reference ``VOCAug``: one scale drawn from a list, image resized bilinearly and
-label by nearest to (int(h·s), int(w·s)), padded bottom/right to the crop (mean colour / 255), a random crop and
-a horizontal flip with p = 0.5. Normalisation is selectable (see :func:`normalize`).
+Training augmentation follows the reference ``VOCAug`` (:func:`clims_pl.data.transforms.seg_train_transform`): one
+scale drawn from a list, image resized bilinearly and label by nearest to (int(h·s), int(w·s)), padded
+bottom/right to the crop (mean colour / 255), a random crop and a horizontal flip with p = 0.5. Normalisation is
+selectable (:func:`clims_pl.data.transforms.normalize`).
 """
 
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
+import albumentations as A
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from clims_pl.config import check_number
 from clims_pl.data.imageio import read_label_png
-from clims_pl.data.transforms import IGNORE_INDEX, imagenet_normalize, pil_resize
+from clims_pl.data.transforms import (
+    Normalization,
+    normalize,
+    seed_from_torch,
+    seed_worker_transform,
+    seg_train_transform,
+)
 from clims_pl.data.voc import load_image, load_mask, read_split
-
-Normalization = Literal["imagenet", "caffe_bgr"]
-
-#: The reference DeepLab input: BGR channel order, this mean subtracted, no std scaling (Caffe/MSRA weights).
-CAFFE_MEAN_BGR = np.array([104.008, 116.669, 122.675], dtype=np.float32)
-
-
-def normalize(image: np.ndarray, mode: Normalization) -> np.ndarray:
-    """(H, W, 3) RGB in 0..255 → float32 network input (H, W, 3); the mean colour maps to 0 in both modes.
-
-    ``imagenet``: RGB, (x/255 − mean)/std — what timm's torchvision-ImageNet ResNet weights expect.
-    ``caffe_bgr``: BGR, x − (104.008, 116.669, 122.675) — the reference's Caffe-converted ResNet-101.
-    """
-    if mode == "imagenet":
-        return imagenet_normalize(image)
-    if mode == "caffe_bgr":
-        return np.asarray(image, dtype=np.float32)[..., ::-1] - CAFFE_MEAN_BGR
-    raise ValueError(f"data.normalization must be 'imagenet' or 'caffe_bgr', got {mode!r}")
 
 
 def load_label(label_dir: str | os.PathLike, image_id: str, size: tuple[int, ...]) -> np.ndarray:
@@ -57,62 +44,30 @@ def load_label(label_dir: str | os.PathLike, image_id: str, size: tuple[int, ...
     return label
 
 
-def scale_pad_crop_flip(
-    image: np.ndarray,
-    label: np.ndarray,
-    scales: Sequence[float],
-    crop_size: int,
-    flip: bool,
-    ignore_index: int = IGNORE_INDEX,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reference ``_augmentation`` on a normalised image (so the mean-colour padding is 0) and its label."""
-    scale = random.choice(list(scales))
-    h, w = int(label.shape[0] * scale), int(label.shape[1] * scale)
-    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    label = pil_resize(label, (h, w), Image.Resampling.NEAREST)
-    pad_h, pad_w = max(crop_size - h, 0), max(crop_size - w, 0)
-    if pad_h or pad_w:
-        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), constant_values=0.0)
-        label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=ignore_index)
-    top = random.randint(0, label.shape[0] - crop_size)
-    left = random.randint(0, label.shape[1] - crop_size)
-    image = image[top : top + crop_size, left : left + crop_size]
-    label = label[top : top + crop_size, left : left + crop_size]
-    if flip and random.random() < 0.5:
-        image, label = image[:, ::-1], label[:, ::-1]
-    return image, label
-
-
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) float → contiguous (3, H, W) tensor."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
 
 
-class SegTrainDataset(Dataset):
-    """Random-scale / crop / flip samples of ``ids`` with labels from ``label_dir`` (reference VOCAug, train)."""
+class LabelDataset(Dataset):
+    """Images of ``ids`` with their label PNGs from ``label_dir`` through an albumentations pipeline whose label
+    target is ``label`` (``additional_targets={"label": "mask"}``): dict(image, label int64, id). Training data of
+    DeepLab (pseudo labels) and IRN (IR labels); ``transform`` is seeded by the DataModule (and per worker)."""
 
     def __init__(
-        self,
-        root: str | os.PathLike,
-        ids: Sequence[str],
-        label_dir: str | os.PathLike,
-        crop_size: int = 321,
-        scales: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0),
-        flip: bool = True,
-        normalization: Normalization = "imagenet",
+        self, root: str | os.PathLike, ids: Sequence[str], label_dir: str | os.PathLike, transform: A.Compose
     ) -> None:
-        self.root, self.ids, self.label_dir = Path(root), list(ids), Path(label_dir)
-        self.crop_size, self.scales, self.flip, self.normalization = crop_size, tuple(scales), flip, normalization
+        self.root, self.ids, self.label_dir, self.transform = Path(root), list(ids), Path(label_dir), transform
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
-        image = normalize(load_image(self.root, image_id), self.normalization)
+        image = load_image(self.root, image_id)
         label = load_label(self.label_dir, image_id, image.shape[:2])
-        image, label = scale_pad_crop_flip(image, label, self.scales, self.crop_size, self.flip)
-        return {"image": to_tensor(image), "label": torch.from_numpy(label.astype(np.int64)), "id": image_id}
+        out = self.transform(image=image, label=label)
+        return {"image": out["image"], "label": out["label"].long(), "id": image_id}
 
 
 class SegEvalDataset(Dataset):
@@ -177,7 +132,15 @@ class LabelDirDataModule(L.LightningDataModule):
             )
         return read_split(self.root, self.train_split)
 
-    def train_loader(self, dataset: Dataset, drop_last: bool = False) -> DataLoader:
+    def train_loader(self, transform: A.Compose, drop_last: bool = False) -> DataLoader:
+        """Shuffled batches of :class:`LabelDataset` crops; ``transform`` is seeded from torch's generator and again
+        in each worker, so the same ``seed`` gives the same batches."""
+        dataset = LabelDataset(self.root, self.train_ids(), self.label_dir, seed_from_torch(transform))
+        if drop_last and len(dataset) < self.batch_size:
+            raise ValueError(
+                f"data.train_split={self.train_split} has {len(dataset)} images, fewer than "
+                f"data.batch_size={self.batch_size} (batches drop the remainder): lower the batch size"
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -186,6 +149,7 @@ class LabelDirDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker_transform,
         )
 
 
@@ -218,14 +182,20 @@ class SegDataModule(LabelDirDataModule):
         super().__init__(root, label_dir, classes, train_split, batch_size, num_workers, crop_size)
         self.val_split = val_split
         self.scales = tuple(check_number("data.scales", s, gt=0) for s in scales)
+        if not self.scales:
+            raise ValueError("data.scales is empty: give the training scales to draw from, e.g. [1.0]")
         self.flip = flip
         self.normalization, self.val_gt = normalization, val_gt
 
     def train_dataloader(self) -> DataLoader:
-        dataset = SegTrainDataset(
-            self.root, self.train_ids(), self.label_dir, self.crop_size, self.scales, self.flip, self.normalization
+        transform = seg_train_transform(
+            self.crop_size,
+            self.scales,
+            hflip=self.flip,
+            normalization=self.normalization,
+            additional_targets={"label": "mask"},
         )
-        return self.train_loader(dataset)
+        return self.train_loader(transform)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_split:

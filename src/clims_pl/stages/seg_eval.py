@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from clims_pl.config import check_number
 from clims_pl.data.imageio import save_label_png
-from clims_pl.data.segmentation import CAFFE_MEAN_BGR, SegEvalDataset
+from clims_pl.data.segmentation import SegEvalDataset
+from clims_pl.data.transforms import CAFFE_MEAN_BGR
 from clims_pl.data.voc import load_image, load_mask, read_split
 from clims_pl.io import atomic_path, atomic_write_json, pending_pngs
 from clims_pl.metrics import deeplab_scores, pair_confusion
