@@ -349,23 +349,9 @@ class ToyCaptionDataModule(L.LightningDataModule):
     ``max_steps`` (the stream never ends).
     """
 
-    def __init__(
-        self,
-        arch: str,
-        prompts: str,
-        world: ToyWorld,
-        *,
-        seed: int,
-        batch_size: int,
-        crop_size: int,
-        resize_long: Sequence[int] | None,
-        cam_stride: int,
-        evidence_area: Sequence[float],
-        mix: Mapping[str, float],
-        masks: Mapping[str, float],
-        pool: Mapping[str, int],
-        hue_rotation: float = 0.0,
-    ) -> None:
+    def __init__(self, arch: str, prompts: str, world: ToyWorld, *, seed: int, batch_size: int, **options: Any) -> None:
+        """``options``: the :class:`CaptionSampler` settings (crop_size, resize_long, cam_stride, evidence_area, mix,
+        masks, pool, hue_rotation), passed on as given."""
         super().__init__()
         register_tiny_configs()
         config = open_clip.get_model_config(arch)
@@ -376,17 +362,7 @@ class ToyCaptionDataModule(L.LightningDataModule):
         size = config["vision_cfg"]["image_size"]
         self.clip_size = int(size if isinstance(size, int) else size[0])
         self.concepts = toy_concepts(prompts)
-        self.world, self.seed, self.batch_size = world, int(seed), int(batch_size)
-        self.options = {
-            "crop_size": int(crop_size),
-            "resize_long": None if resize_long is None else list(resize_long),
-            "cam_stride": int(cam_stride),
-            "evidence_area": list(evidence_area),
-            "mix": dict(mix),
-            "masks": dict(masks),
-            "pool": dict(pool),
-            "hue_rotation": float(hue_rotation),
-        }
+        self.world, self.seed, self.batch_size, self.options = world, int(seed), int(batch_size), options
 
     def sampler(self, start_step: int = 0) -> CaptionSampler:
         """A fresh sampler of this module's settings (the stream of ``start_step``)."""
