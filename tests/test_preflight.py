@@ -15,7 +15,7 @@ from omegaconf import OmegaConf, open_dict
 
 from clims_pl.data.voc import read_split
 from clims_pl.pipeline import compose_stage, config_hash, stages_from_config
-from clims_pl.preflight import STEPS_FILE, split_sizes, subset_root, training_overlay, weights_overlay
+from clims_pl.preflight import STEPS_FILE, miniature, split_sizes, subset_root, training_overlay, weights_overlay
 from clims_pl.stages.reproduce import run
 
 #: The real architectures at sizes two CPU cores train in seconds (crops, batches, workers, random-walk pad).
@@ -152,3 +152,21 @@ def test_preflight_refuses_bad_settings(voc_root: Path, tmp_path: Path) -> None:
         run(compose_config("reproduce", tmp_path, [*base, "preflight_weights=none"]))
     with pytest.raises(ValueError, match="drop --from/--only"):
         run(compose_config("reproduce", tmp_path, [*base, "pipeline.from_stage=irn"]))
+
+
+def test_toy_demo_preflight_trains_the_toy_clip_for_a_few_steps_in_its_own_folder(
+    toy_root: Path, tmp_path: Path
+) -> None:
+    cfg = compose_config("reproduce", tmp_path, ["experiment=toy_demo", f"data.root={toy_root}", "preflight_steps=1"])
+    real = {
+        s.name: compose_stage(s, s.folder(Path(cfg.run_dir)), tmp_path, []) for s in stages_from_config(cfg.pipeline)
+    }
+    assert real["toyclip"].trainer.max_steps == 300  # the real run, in the shared folder under .cache/
+    mini, _ = miniature(cfg, real, tmp_path / "pre", toy_root)
+    stage = next(s for s in stages_from_config(mini.pipeline) if s.name == "toyclip")
+    assert stage.folder(tmp_path / "pre") == tmp_path / "pre" / "toyclip"  # the shared folder stays untouched
+    small = compose_stage(stage, tmp_path / "pre" / "toyclip", tmp_path, [])
+    # At least 2 steps (1 of warm-up: the schedule needs one step of cosine), a tiny evaluation, the step timer.
+    assert (small.trainer.max_steps, small.model.optim.warmup_steps) == (2, 1)
+    assert (small.toyclip.eval.per_kind, small.toyclip.eval.scenes) == (2, 4)
+    assert small.callbacks.preflight_timer._target_ == "clims_pl.preflight.StepTimer"

@@ -144,9 +144,14 @@ def set_overrides(settings: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 
 def default_groups(config: str) -> set[str]:
-    """Config groups listed in the defaults of root config ``conf/<config>.yaml`` (e.g. {data, logger, ...})."""
+    """Config groups listed in the defaults of root config ``conf/<config>.yaml`` (e.g. {data, logger, ...}), and in
+    those of another root config it extends (``conf/toyclip.yaml`` lists ``train``)."""
     defaults = OmegaConf.load(CONF_DIR / f"{config}.yaml").get("defaults") or []
-    return {str(k).removeprefix("override ") for d in defaults if isinstance(d, Mapping) for k in d}
+    groups = {str(k).removeprefix("override ") for d in defaults if isinstance(d, Mapping) for k in d}
+    for d in defaults:
+        if isinstance(d, str) and d != "_self_" and (CONF_DIR / f"{d}.yaml").is_file():
+            groups |= default_groups(d)
+    return groups
 
 
 def logger_overrides(config: str, logger: str | None, wandb_group: str | None, stage: str | None = None) -> list[str]:

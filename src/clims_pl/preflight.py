@@ -211,6 +211,19 @@ def training_overlay(real: DictConfig, images: int, steps: int) -> dict[str, Any
     }
 
 
+def toyclip_overlay(steps: int) -> dict[str, Any]:
+    """``pipeline.set`` overrides of the toy CLIP stage: ``steps`` optimiser steps (at least 2: one of warm-up) on
+    its endless caption stream, the step timer, and a tiny held-out evaluation."""
+    return {
+        "trainer.max_steps": max(2, steps),
+        "trainer.log_every_n_steps": 1,
+        "model.optim.warmup_steps": 1,
+        "toyclip.eval.per_kind": 2,
+        "toyclip.eval.scenes": 4,
+        "+callbacks.preflight_timer": {"_target_": f"{__name__}.StepTimer"},
+    }
+
+
 def weights_overlay(real: DictConfig, mode: str) -> tuple[dict[str, Any], list[str]]:
     """Overrides that switch a training stage's pretrained weights to random init (``random``, or ``auto`` when
     they are not on disk), and a line per weight source saying what the stage uses."""
@@ -377,7 +390,10 @@ def miniature(
         overlay[name], said[name] = {}, []
         if not torch.cuda.is_available() and OmegaConf.select(stage_cfg, "trainer.accelerator") in ("gpu", "cuda"):
             overlay[name]["trainer.accelerator"] = "cpu"  # no GPU here: check everything else on the CPU
-        if stage_spec(str(cfg.pipeline.stages[name].get("run") or name)) is REGISTRY["train"]:
+        spec = stage_spec(str(cfg.pipeline.stages[name].get("run") or name))
+        if spec is REGISTRY["toyclip"]:
+            overlay[name].update(toyclip_overlay(int(cfg.preflight_steps)))
+        if spec is REGISTRY["train"]:
             weights, said[name] = weights_overlay(stage_cfg, str(cfg.preflight_weights))
             train_images = len(read_split(data_root, str(stage_cfg.data.train_split)))
             overlay[name].update(training_overlay(stage_cfg, train_images, int(cfg.preflight_steps)), **weights)

@@ -40,7 +40,9 @@ REGISTRY: dict[str, StageSpec] = {
     ),
     "viz": StageSpec("viz", "clims_pl.stages.viz:run", "overlay panels of CAMs or of the refinement chain"),
     "toyclip": StageSpec(
-        "toyclip", "clims_pl.stages.toyclip:run", "train (or reuse) and evaluate the toy world's CLIP"
+        "toyclip",
+        "clims_pl.stages.toyclip:run",
+        "train the toy world's CLIP (train stage, experiment=toy_clip), export its open_clip file, evaluate it",
     ),
     "demo": StageSpec("demo", "clims_pl.stages.demo:run", "the toy demo's table: baseline CAM vs CLIMS and refinement"),
     "report": StageSpec("report", "clims_pl.stages.report:run", "the paper table: measured numbers beside the paper's"),

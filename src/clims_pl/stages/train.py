@@ -69,7 +69,12 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path, resumable: bo
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train, save ``checkpoints/last.ckpt`` and ``metrics/train.json``; return the final logged metrics.
+    """Train, save ``checkpoints/last.ckpt`` and ``metrics/train.json``; return the final logged metrics."""
+    return fit(cfg)[1]
+
+
+def fit(cfg: DictConfig) -> tuple[L.LightningModule, dict[str, Any]]:
+    """:func:`run`, returning the trained module too (a stage that exports or evaluates it after training).
 
     ``ckpt_path=last`` resumes this run folder's ``last.ckpt`` only when its provenance (``checkpoints/
     provenance.json``) equals this run's; otherwise, and without ``ckpt_path``, the folder's earlier checkpoints
@@ -107,7 +112,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         atomic_write_json(out / "metrics" / "train.json", metrics)
         log.info("train metrics: %s", json.dumps(metrics))
-    return metrics
+    return model, metrics
 
 
 def csv_files(loggers: list[Any], out: Path) -> list[str]:
