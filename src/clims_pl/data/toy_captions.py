@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from clims_pl.data.toy import NEUTRAL_RGB, TOY_BACKGROUNDS, TOY_CLASSES, ToyWorld
-from clims_pl.data.transforms import train_transform
+from clims_pl.data.transforms import seed_transform, train_transform
 from clims_pl.models.clip_evaluator import register_tiny_configs
 from clims_pl.prompts.bank import PromptBank, load_prompt_bank
 
@@ -294,7 +294,7 @@ class CaptionSampler:
         torch_seed = seed if start_step == 0 else int(np.random.SeedSequence([seed, start_step]).generate_state(1)[0])
         self.gen = torch.Generator().manual_seed(torch_seed)
         self.transform = train_transform(crop_size, resize_long)
-        self.transform.set_random_seed(torch_seed)
+        seed_transform(self.transform, torch_seed)
         self.refresh, self.fresh = int(pool["refresh_per_step"]), int(pool["fresh_per_step"])
         self.hue_rotation = float(hue_rotation)
         self.pool = PrimitivePool(world, int(pool["per_class"]), int(pool["per_background"]), self.rng)
