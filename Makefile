@@ -16,7 +16,7 @@ $(error COCO_ROOT is now data.root, as on every command: make $(MAKECMDGOALS) da
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test lint format demo demo-figure bench bench-gpu preflight reproduce reproduce-coco ablation clean
+.PHONY: help venv test lint format demo demo-seeds demo-figure bench bench-gpu preflight reproduce reproduce-coco ablation clean
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ format: $(STAMP) ## apply ruff fixes and formatting
 
 demo: $(STAMP) ## end-to-end pipeline on the embedded offline toy world
 	$(BIN)/clims-demo $(ARGS)
+
+demo-seeds: $(STAMP) ## make demo for seeds 0, 1, 2 + their mean/sd table runs/toy_demo_seeds/seeds.md (~3x demo)
+	$(BIN)/clims-reproduce -m experiment=toy_demo_seeds $(ARGS)
 
 demo-figure: $(STAMP) ## redraw docs/img/demo.png (README) from the finished demo in runs/toy_demo
 	$(BIN)/python -m clims_pl.plots runs/toy_demo docs/img/demo.png

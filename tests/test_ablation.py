@@ -19,7 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 from test_demo import _tiny
 
-from clims_pl.ablation import aggregate, find_jobs, main, wandb_target
+from clims_pl.ablation import aggregate, find_jobs, main, seed_table, wandb_target
 from clims_pl.config import CONF_DIR
 from clims_pl.pipeline import compose_stage, stages_from_config
 
@@ -299,3 +299,39 @@ def test_optuna_search_config_fits_the_weight_sweep(tmp_path: Path) -> None:
     with open_dict(cfg):
         cfg.pipeline.objective = objective
     assert cfg.pipeline.objective == "eval_cams:best_miou"
+
+
+def _seed_job(sweep: Path, seed: int, results: dict | None) -> None:
+    job = sweep / f"seed{seed}"
+    _write_yaml(job / ".hydra" / "hydra.yaml", {"hydra": {"job": {"num": seed}}})
+    _write_yaml(job / ".hydra" / "overrides.yaml", ["experiment=toy_demo_seeds", f"seed={seed}"])
+    _write_yaml(job / "config.yaml", {"run_dir": str(job), "pipeline": {"stages": {"demo": {"run": "demo"}}}})
+    if results is not None:
+        _write_json(job / "demo" / "demo_results.json", results)
+
+
+def test_seed_table_mean_and_sd_by_hand(tmp_path: Path) -> None:
+    base = {"baseline_miou": 30.0, "all_background_miou": 17.0, "baseline_cobg_fa": 40.0, "clims_cobg_fa": 2.0}
+    _seed_job(tmp_path, 0, {**base, "clims_miou": 70.0, "pseudo_miou": 74.0, "seg_val_miou": 70.0})
+    _seed_job(tmp_path, 1, {**base, "clims_miou": 72.0, "pseudo_miou": 80.0, "seg_val_miou": 78.0})
+    _seed_job(tmp_path, 2, None)  # killed before its demo stage: listed, not averaged
+    out = seed_table(tmp_path)
+    assert [r["seed"] for r in out["rows"]] == ["0", "1", "2"]
+    assert out["mean"]["clims_miou"] == pytest.approx(71.0) and out["sd"]["clims_miou"] == pytest.approx(2**0.5)
+    assert out["mean"]["pseudo − CLIMS"] == pytest.approx(6.0)  # (4 + 8) / 2
+    assert out["sd"]["pseudo − CLIMS"] == pytest.approx(8**0.5)  # sd of (4, 8)
+    assert out["mean"]["DeepLab − pseudo"] == pytest.approx(-3.0)
+    assert out["sd"]["baseline_miou"] == 0.0 and math.isnan(out["mean"]["seg_val_crf_miou"])
+    md = (tmp_path / "seeds.md").read_text()
+    assert "over 2 seeds" in md and "| 2 (demo not finished) |" in md and "| **mean** | 30.0 | 71.0 | 77.0 |" in md
+    assert list(csv.DictReader((tmp_path / "seeds.csv").open()))[-1]["seed"] == "sd"
+
+
+def test_seed_reaches_every_seeded_stage_but_the_shared_teacher(tmp_path: Path) -> None:
+    cfg = compose_config("reproduce", tmp_path, ["experiment=toy_demo_seeds", "seed=2", f"run_dir={tmp_path}"])
+    stages = {s.name: s for s in stages_from_config(cfg.pipeline, seed=cfg.seed)}
+    seeded = {name for name, s in stages.items() if "seed=2" in s.overrides}
+    assert {"cam", "clims", "irn", "seg", "ir_labels", "pseudo", "seg_eval", "demo"} <= seeded
+    assert "toyclip" not in seeded and "cams_cam" not in seeded  # shared teacher; infer has no seed
+    assert compose_stage(stages["clims"], tmp_path / "clims", tmp_path, []).seed == 2
+    assert all("seed=" not in o for s in stages_from_config(cfg.pipeline) for o in s.overrides)  # seed=null

@@ -16,7 +16,9 @@ false-activation rate. Rows keep the sweep's job order, so a sweep declared in t
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,21 @@ from clims_pl.tables import csv_text, fmt, markdown_table
 TABLE_MD = "ablation.md"
 TABLE_CSV = "ablation.csv"
 METRICS = ("miou_best", "best_threshold", "miou", "threshold", "cobg_fa")
+SEEDS_MD = "seeds.md"
+SEEDS_CSV = "seeds.csv"
+#: The demo's numbers (``demo_results.json`` keys, %) in the seed table, with their column titles.
+SEED_COLUMNS = {
+    "baseline_miou": "baseline CAM",
+    "clims_miou": "CLIMS CAM",
+    "pseudo_miou": "pseudo labels",
+    "seg_val_miou": "DeepLab val",
+    "seg_val_crf_miou": "DeepLab val + CRF",
+    "all_background_miou": "all background",
+    "baseline_cobg_fa": "baseline co-bg FA",
+    "clims_cobg_fa": "CLIMS co-bg FA",
+}
+#: Differences the demo's targets are stated in: (title, minuend key, subtrahend key).
+SEED_GAPS = (("pseudo − CLIMS", "pseudo_miou", "clims_miou"), ("DeepLab − pseudo", "seg_val_miou", "pseudo_miou"))
 
 
 @dataclass(frozen=True)
@@ -232,6 +249,48 @@ def aggregate(
     return {"rows": rows, "markdown": sweep_dir / TABLE_MD, "csv": sweep_dir / TABLE_CSV, "wandb_run": wandb_run}
 
 
+def seed_row(job: Job, demo_stage: str) -> dict[str, Any]:
+    """One job's demo numbers (NaN where its demo stage has not finished) and the target gaps."""
+    path = _stage_dir(job.config, demo_stage) / "demo_results.json" if job.config is not None else None
+    results = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    row: dict[str, Any] = {"seed": job.overrides.get("seed", "—")}
+    row.update({key: float(results.get(key) if results.get(key) is not None else math.nan) for key in SEED_COLUMNS})
+    row.update({title: row[a] - row[b] for title, a, b in SEED_GAPS})
+    return {**row, "status": "ok" if results else f"{demo_stage} not finished"}
+
+
+def seed_table(sweep_dir: str | Path, demo_stage: str = "demo") -> dict[str, Any]:
+    """``seeds.md`` / ``seeds.csv`` in ``sweep_dir``: every demo number per seed, then its mean and sample standard
+    deviation over the finished seeds (``clims-reproduce -m experiment=toy_demo_seeds``)."""
+    sweep_dir = Path(sweep_dir)
+    rows = [seed_row(job, demo_stage) for job in find_jobs(sweep_dir)]
+    columns = [*SEED_COLUMNS, *(title for title, _, _ in SEED_GAPS)]
+    done = [r for r in rows if r["status"] == "ok"]
+    values = {c: [r[c] for r in done if not math.isnan(r[c])] for c in columns}
+    spread = {
+        "mean": {c: statistics.fmean(v) if v else math.nan for c, v in values.items()},
+        "sd": {c: statistics.stdev(v) if len(v) > 1 else math.nan for c, v in values.items()},
+    }
+    header = ["seed", *(SEED_COLUMNS.get(c, c) for c in columns)]
+    table = [
+        [r["seed"] + ("" if r["status"] == "ok" else f" ({r['status']})"), *(fmt(r[c]) for c in columns)] for r in rows
+    ]
+    table += [[f"**{name}**", *(fmt(values[c]) for c in columns)] for name, values in spread.items()]
+    title = f"# Toy demo over {len(done)} seeds (mIoU and false activation in %)"
+    md = "\n".join([title, "", f"sweep `{sweep_dir}`", "", *markdown_table(header, table)]) + "\n"
+    atomic_write_text(sweep_dir / SEEDS_MD, md)
+    atomic_write_text(sweep_dir / SEEDS_CSV, csv_text([*rows, *({"seed": k, **v} for k, v in spread.items())]))
+    print(md)
+    return {"rows": rows, **spread, "markdown": sweep_dir / SEEDS_MD}
+
+
+class SeedTable(Callback):
+    """Hydra callback: when a multirun over seeds ends, the table of its demo numbers (:func:`seed_table`)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        seed_table(Path(config.hydra.sweep.dir))
+
+
 class AblationTable(Callback):
     """Hydra callback: when a multirun ends, the table of all its jobs (``hydra.callbacks.ablation_table``)."""
 
@@ -250,9 +309,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--eval-stage", help="evaluation stage to read (default: ablation_sweep.eval_stage)")
     parser.add_argument("--demo-stage", help="demo stage to read (default: ablation_sweep.demo_stage)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the table to wandb")
+    parser.add_argument(
+        "--seeds", action="store_true", help="a sweep over seeds (experiment=toy_demo_seeds): seeds.md with mean and sd"
+    )
     args = parser.parse_args(argv)
     try:
-        aggregate(args.sweep_dir, args.eval_stage, args.demo_stage, use_wandb=not args.no_wandb)
+        if args.seeds:
+            seed_table(args.sweep_dir, args.demo_stage or "demo")
+        else:
+            aggregate(args.sweep_dir, args.eval_stage, args.demo_stage, use_wandb=not args.no_wandb)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -154,6 +154,21 @@ def default_groups(config: str) -> set[str]:
     return groups
 
 
+def has_seed(config: str) -> bool:
+    """Whether root config ``conf/<config>.yaml`` (or a root config it extends) has a top-level ``seed`` key."""
+    node = OmegaConf.load(CONF_DIR / f"{config}.yaml")
+    bases = [d for d in node.get("defaults") or [] if isinstance(d, str) and (CONF_DIR / f"{d}.yaml").is_file()]
+    return "seed" in node or any(has_seed(d) for d in bases if d != config)
+
+
+def seed_overrides(config: str, node: DictConfig, seed: int | None) -> list[str]:
+    """``seed=<seed>`` for a stage whose root config has a seed, unless the stage is shared (``dir:``): a shared
+    stage such as the toy CLIP teacher is one for every seed, as a downloaded CLIP is."""
+    if seed is None or node.get("dir") is not None or not has_seed(config):
+        return []
+    return [f"seed={int(seed)}"]
+
+
 def logger_overrides(config: str, logger: str | None, wandb_group: str | None, stage: str | None = None) -> list[str]:
     """``logger=<option>`` for a stage whose root config has a logger group (every stage's); if that option logs to
     wandb, its runs join ``wandb_group`` so that every stage of a run (every job of a sweep) is shown together, one
@@ -195,9 +210,9 @@ def default_wandb_group(cfg: DictConfig) -> str:
     return str(cfg.task_name)
 
 
-def stages_from_config(pipeline: DictConfig, default_group: str | None = None) -> list[Stage]:
-    """The stages of ``cfg.pipeline``, each with its ``pipeline.set.<stage>`` and logger overrides appended
-    (wandb runs join ``pipeline.wandb_group``, else ``default_group``)."""
+def stages_from_config(pipeline: DictConfig, default_group: str | None = None, seed: int | None = None) -> list[Stage]:
+    """The stages of ``cfg.pipeline``, each with its ``pipeline.set.<stage>``, seed (:func:`seed_overrides`) and
+    logger overrides appended (wandb runs join ``pipeline.wandb_group``, else ``default_group``)."""
     nodes = {name: node for name, node in pipeline.stages.items() if node is not None}
     settings = OmegaConf.to_container(pipeline.get("set") or OmegaConf.create(), resolve=True)
     # A stage switched off (null) keeps its settings unused; a name that is no stage at all is a typo.
@@ -210,6 +225,7 @@ def stages_from_config(pipeline: DictConfig, default_group: str | None = None) -
             name,
             node,
             [
+                *seed_overrides(stage_config(name, node), node, seed),
                 *set_overrides(settings.get(name) or {}),
                 *logger_overrides(stage_config(name, node), logger, group, name),
             ],
@@ -399,7 +415,7 @@ def run(cfg: DictConfig, probe: StageProbe | None = None) -> dict[str, dict[str,
     which also runs them in miniature first when ``preflight=true``)."""
     prepare_run(cfg)
     p = cfg.pipeline
-    stages = stages_from_config(p, default_wandb_group(cfg))
+    stages = stages_from_config(p, default_wandb_group(cfg), cfg.get("seed"))
     if not stages:
         raise ValueError("pipeline.stages is empty: pick an experiment, e.g. experiment=paper_voc or toy_demo")
     check_plain_folder("run_dir", cfg.run_dir)
