@@ -143,22 +143,29 @@ def set_overrides(settings: Mapping[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+def root_chain(config: str) -> list[DictConfig]:
+    """Root config ``conf/<config>.yaml`` and every root config it extends through its defaults
+    (``conf/toyclip.yaml`` lists ``train``), as loaded YAML, the config itself first."""
+    node = OmegaConf.load(CONF_DIR / f"{config}.yaml")
+    bases = [d for d in node.get("defaults") or [] if isinstance(d, str) and d not in ("_self_", config)]
+    return [node, *(n for d in bases if (CONF_DIR / f"{d}.yaml").is_file() for n in root_chain(d))]
+
+
 def default_groups(config: str) -> set[str]:
     """Config groups listed in the defaults of root config ``conf/<config>.yaml`` (e.g. {data, logger, ...}), and in
-    those of another root config it extends (``conf/toyclip.yaml`` lists ``train``)."""
-    defaults = OmegaConf.load(CONF_DIR / f"{config}.yaml").get("defaults") or []
-    groups = {str(k).removeprefix("override ") for d in defaults if isinstance(d, Mapping) for k in d}
-    for d in defaults:
-        if isinstance(d, str) and d != "_self_" and (CONF_DIR / f"{d}.yaml").is_file():
-            groups |= default_groups(d)
-    return groups
+    those of another root config it extends."""
+    return {
+        str(k).removeprefix("override ")
+        for node in root_chain(config)
+        for d in node.get("defaults") or []
+        if isinstance(d, Mapping)
+        for k in d
+    }
 
 
 def has_seed(config: str) -> bool:
     """Whether root config ``conf/<config>.yaml`` (or a root config it extends) has a top-level ``seed`` key."""
-    node = OmegaConf.load(CONF_DIR / f"{config}.yaml")
-    bases = [d for d in node.get("defaults") or [] if isinstance(d, str) and (CONF_DIR / f"{d}.yaml").is_file()]
-    return "seed" in node or any(has_seed(d) for d in bases if d != config)
+    return any("seed" in node for node in root_chain(config))
 
 
 def seed_overrides(config: str, node: DictConfig, seed: int | None) -> list[str]:
