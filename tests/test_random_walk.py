@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from cam_fixtures import write_cam_files, write_voc_root
+from omegaconf import OmegaConf
 from PIL import Image
 
 from clims_pl.models.irn import IRNet
@@ -100,9 +101,19 @@ def test_walk_to_label_global_max_and_background() -> None:
     assert np.all(walk_to_label(torch.zeros(0, 2, 2), np.zeros(0), (5, 5)) == 0)
 
 
-def test_pseudo_stage_writes_and_evaluates(tmp_path: Path, compose_cfg) -> None:
-    shapes = {"a": (30, 41), "b": (36, 28)}
-    masks = write_voc_root(tmp_path / "voc", shapes)
+def test_walk_to_label_at_stride_2() -> None:
+    walked = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    # ×2 bilinear (align_corners=False): pixel c samples cell (c + 0.5)/2 − 0.5, i.e. weights 1, .75, .25, 0 along
+    # each axis; the product exceeds the plane 0.2 at (0, 0..2), (1, 0..1) and (2, 0) (0.25, 0.5625, 0.25).
+    label = walk_to_label(walked, np.array([4]), (4, 4), bg_threshold=0.2, stride=2)
+    expected = np.zeros((4, 4), np.uint8)
+    expected[0, :3] = expected[1, :2] = expected[2, 0] = 5
+    np.testing.assert_array_equal(label, expected)
+
+
+def _pseudo_cfg(tmp_path: Path, compose_cfg, *overrides: str):
+    """A two-image VOC root, its CAM files and a random resnet18 IRN checkpoint; the refine config for them."""
+    masks = write_voc_root(tmp_path / "voc", {"a": (30, 41), "b": (36, 28)})
     write_cam_files(tmp_path / "cams", masks)
     torch.manual_seed(0)
     net = IRNet("resnet18", pretrained=False)
@@ -120,8 +131,14 @@ def test_pseudo_stage_writes_and_evaluates(tmp_path: Path, compose_cfg) -> None:
             "pseudo.eval_split=train",
             "pseudo.device=cpu",
             "pseudo.num_workers=0",
+            *overrides,
         ],
     )
+    return cfg, masks, net, ckpt
+
+
+def test_pseudo_stage_writes_and_evaluates(tmp_path: Path, compose_cfg) -> None:
+    cfg, masks, net, ckpt = _pseudo_cfg(tmp_path, compose_cfg)
     result = pseudo.run(cfg)
     out = Path(cfg.pseudo.out_dir)
     for image_id, mask in masks.items():
@@ -150,3 +167,21 @@ def test_pseudo_stage_writes_and_evaluates(tmp_path: Path, compose_cfg) -> None:
     torch.save({"state_dict": {f"net.{k}": v + 0.01 for k, v in net.state_dict().items()}}, ckpt)
     with pytest.raises(ProvenanceError, match=r"pseudo holds pseudo labels made from other ckpt"):
         pseudo.run(cfg)
+
+
+def test_pseudo_stage_at_scale_2(tmp_path: Path, compose_cfg) -> None:
+    cfg, masks, _, _ = _pseudo_cfg(tmp_path, compose_cfg, "pseudo.scale=2", "model.net.inference_pad=128")
+    result = pseudo.run(cfg)
+    for image_id, mask in masks.items():  # labels at the image's size, not the ×2 image's
+        with Image.open(Path(cfg.pseudo.out_dir) / f"{image_id}.png") as img:
+            assert np.asarray(img).shape == mask.shape
+    # the boundary map and the walked maps on the ×2 image's stride-4 grid: (60, 82) px → 15 × 21 cells of 2 px
+    with np.load(Path(cfg.pseudo.diag_dir) / "a.npz") as diag:
+        assert diag["edge"].shape == (15, 21) and diag["walked"].shape[1:] == (15, 21)
+    edges = json.loads((Path(cfg.pseudo.metrics_path).parent / "irn_edges.json").read_text())
+    assert edges["cell_px"] == 2 and result["written"] == 2
+    # labels of another scale in the folder are refused, and 4 / scale must be whole
+    with pytest.raises(ProvenanceError, match="pseudo holds pseudo labels made from other"):
+        pseudo.run(OmegaConf.merge(cfg, {"pseudo": {"scale": 1.0}}))
+    with pytest.raises(ValueError, match=r"pseudo.scale=1.5: .* must be a whole number"):
+        pseudo.run(OmegaConf.merge(cfg, {"pseudo": {"scale": 1.5}}))

@@ -13,7 +13,7 @@ from PIL import Image
 from clims_pl.data.imageio import VOC_PALETTE, save_label_png
 from clims_pl.refine.diagnostics import save_diag
 from clims_pl.stages.viz import run
-from clims_pl.viz import GAP, TITLE_HEIGHT, heat_overlay, overlay_panel, pick_ids, refinement_panel
+from clims_pl.viz import GAP, TITLE_HEIGHT, grid_to_image, heat_overlay, overlay_panel, pick_ids, refinement_panel
 
 NAMES = ["background", *(f"class{i}" for i in range(1, 21))]
 
@@ -106,3 +106,10 @@ def test_run_writes_refinement_panels(tmp_path: Path, compose_cfg) -> None:
     paths = run(compose_cfg("viz", [*base, *refine]))  # only ids with a diagnostics file are drawn
     assert [p.stem for p in paths] == ["2007_000001"]
     assert Image.open(paths[0]).size == (7 * 45 + 6 * GAP, 30 + TITLE_HEIGHT)
+
+
+def test_grid_to_image_cell_size_follows_the_grid() -> None:
+    grid = np.arange(4.0).reshape(2, 2)
+    # a stride-4 grid of a 7 px image: 4 px cells, cropped; a grid twice as fine (pseudo.scale=2): 2 px cells
+    np.testing.assert_array_equal(grid_to_image(grid, (7, 7))[:, :4], [[0.0] * 4] * 4 + [[2.0] * 4] * 3)
+    np.testing.assert_array_equal(grid_to_image(grid, (4, 4)), np.kron(grid, np.ones((2, 2))))

@@ -104,8 +104,10 @@ def _assemble(tiles: list[tuple[str, Image.Image]], size: tuple[int, int]) -> Im
 
 
 def grid_to_image(grid: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """A stride-4 (…, h, w) map at image size: each cell a 4×4 block (the grid stays visible), cropped to (H, W)."""
-    return np.repeat(np.repeat(grid, 4, axis=-2), 4, axis=-1)[..., : image_size[0], : image_size[1]]
+    """A (…, h, w) map at image size: each cell a block of ceil(H / h) pixels (4 for the stride-4 grid, 2 with
+    ``pseudo.scale=2``), so the grid stays visible; cropped to (H, W)."""
+    cell = -(-image_size[0] // grid.shape[-2])
+    return np.repeat(np.repeat(grid, cell, axis=-2), cell, axis=-1)[..., : image_size[0], : image_size[1]]
 
 
 def refinement_panel(
@@ -122,7 +124,7 @@ def refinement_panel(
 ) -> Image.Image:
     """image | CAM (max over classes) | IR label | edge map | walked map | pseudo label | ground truth.
 
-    ``edge`` (h, w) and ``walked`` (K, h, w) are on the stride-4 grid; the walked map is the max over classes divided
+    ``edge`` (h, w) and ``walked`` (K, h, w) are on the boundary map's grid (stride 4); the walked map is the max over classes divided
     by the global max (what the pseudo label thresholds); the edge map is grey, white = boundary (1).
     """
     height, width = image.shape[:2]

@@ -9,8 +9,9 @@ and send the scalars to the configured loggers:
   ``diagnostics`` key of ``metrics/pseudo.json``: the same walk with an oracle boundary map, with no boundaries and
   without any walk (:func:`pseudo_diagnostics`, from the per-image ``<pseudo.diag_dir>/<id>.npz`` the stage wrote).
 
-Ground truth on the stride-4 grid of the boundary map = the mask resized to that grid with PIL nearest, the way IRN's
-training labels are reduced; its boundary cells are :func:`clims_pl.metrics.boundary_cells` of that grid.
+Ground truth on the grid of the boundary map (stride 4 of the image it was drawn on, ×``pseudo.scale``) = the mask
+resized to that grid with PIL nearest, the way IRN's training labels are reduced; its boundary cells are
+:func:`clims_pl.metrics.boundary_cells` of that grid.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def pseudo_diagnostics(
     ids: Sequence[str],
     names: Sequence[str],
     bg_threshold: float,
+    stride: int = 4,
     edge_threshold: float = 0.5,
     tolerance: int = 1,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -121,7 +123,8 @@ def pseudo_diagnostics(
     boundary cells within ``tolerance`` cells; mean edge value on object interiors (foreground cells off the
     boundary), on the boundary, and on the background interior. Walk variants, labelled exactly like the pseudo
     labels (``walk_to_label`` with ``bg_threshold``): ``oracle_edge``, ``no_edge`` and ``no_walk`` (the stride-4
-    CAMs of ``cam_dir`` themselves).
+    CAMs of ``cam_dir`` themselves). ``stride``: image pixels per cell of the boundary map and walked maps (4, or
+    2 with ``pseudo.scale=2``); the boundary tolerance is in those cells.
     """
     num = len(names)
     variants = {"no_walk": "cam", "no_edge": "no_edge", "oracle_edge": "oracle"}
@@ -132,7 +135,8 @@ def pseudo_diagnostics(
         diag["cam"] = load_cam(Path(cam_dir) / f"{image_id}.npz")["cam"]
         gt = ground_truth(gt_root, image_id)
         for variant, key in variants.items():
-            label = walk_to_label(torch.from_numpy(diag[key].astype(np.float32)), diag["keys"], gt.shape, bg_threshold)
+            maps = torch.from_numpy(diag[key].astype(np.float32))
+            label = walk_to_label(maps, diag["keys"], gt.shape, bg_threshold, 4 if key == "cam" else stride)
             confs[variant] += pair_confusion(label, gt, num)
         edge = diag["edge"].astype(np.float64)
         grid, boundary = gt_boundary(gt, edge.shape)
@@ -146,6 +150,7 @@ def pseudo_diagnostics(
         "num_images": len(ids),
         "edge_threshold": edge_threshold,
         "tolerance_cells": tolerance,
+        "cell_px": stride,
         **boundary_scores(counts),
         "mean_edge": {
             r: (None if c == 0 else float(m))
@@ -191,7 +196,7 @@ def edges_markdown(result: dict[str, Any], title: str) -> str:
         f"# {title}",
         "",
         f"Predicted boundary: edge > {result['edge_threshold']}; matched within {result['tolerance_cells']} "
-        "stride-4 cell(s) of a ground-truth class boundary.",
+        f"cell(s) of the boundary map ({result['cell_px']} image px each) of a ground-truth class boundary.",
         "",
     ]
     rows = [

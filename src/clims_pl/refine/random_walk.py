@@ -108,21 +108,22 @@ def propagate_to_edge_dense(
 
 
 def walk_to_label(
-    walked: torch.Tensor, keys: np.ndarray, image_size: tuple[int, int], bg_threshold: float = 0.2
+    walked: torch.Tensor, keys: np.ndarray, image_size: tuple[int, int], bg_threshold: float = 0.2, stride: int = 4
 ) -> np.ndarray:
     """Semantic pseudo label from walked stride-4 maps (docs/reference.md#stage-g-random-walk after the walk).
 
-    Upsample ×4 (bilinear, align_corners=False), crop to the image, divide by the GLOBAL max over all maps
+    Upsample ×``stride`` (bilinear, align_corners=False), crop to the image, divide by the GLOBAL max over all maps
     (one scalar, quirk docs/reference.md#q9-background-thresholds), prepend a constant background plane ``bg_threshold``, argmax, map through
     [0, keys + 1]. No 255 in the result. Maps whose global max is not positive give an all-background label.
 
     Args:
         walked: (K, h, w) walked maps; keys: (K,) 0-based class indices; image_size: (H, W).
+        stride: image pixels per map cell: 4 (reference); 2 for a walk on the image upscaled ×2 (``pseudo.scale``).
     """
     height, width = image_size
     if walked.shape[0] == 0 or not bool((walked.max() > 0).item()):
         return np.zeros((height, width), dtype=np.uint8)
-    up = F.interpolate(walked[:, None], scale_factor=4, mode="bilinear", align_corners=False)[:, 0]
+    up = F.interpolate(walked[:, None], scale_factor=stride, mode="bilinear", align_corners=False)[:, 0]
     up = up[:, :height, :width]
     up = up / up.max()
     planes = F.pad(up, (0, 0, 0, 0, 1, 0), value=bg_threshold)

@@ -2,7 +2,8 @@
 
 For each image: the IRN edge map of (image, flip) at full resolution, the stride-4 CAMs of ``cams/<id>.npz``
 walked with the sparse transition matrix (radius 5, β = 10, 2⁸ steps), upsampled, globally normalised and
-thresholded against a background plane of 0.2. Labels go to ``<out_dir>/<id>.png`` (atomic, resumable);
+thresholded against a background plane of 0.2. With ``pseudo.scale`` ≠ 1 (a toy setting, docs/toy_world.md) the
+edge map is made on the image resized by that factor and the CAMs are resized bilinearly to its stride-4 grid. Labels go to ``<out_dir>/<id>.png`` (atomic, resumable);
 then they are evaluated on the evaluation split like the CAMs (``metrics/pseudo.json``). With ``pseudo.diagnostics``
 the evaluation images also get ``<diag_dir>/<id>.npz`` (boundary map, walked maps, the oracle-edge and no-edge walks)
 and the stage writes the diagnostics of ``clims_pl.refine.diagnostics`` (``metrics/irn_edges.json``, and
@@ -18,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clims_pl.cams import load_cam
+from clims_pl.config import check_number
 from clims_pl.data.imageio import save_label_png
 from clims_pl.data.segmentation import to_tensor
-from clims_pl.data.transforms import imagenet_normalize
+from clims_pl.data.transforms import imagenet_normalize, pil_resize
 from clims_pl.data.voc import load_image, read_split
 from clims_pl.evaluate import display_names, evaluate_label_dir, ground_truth, metrics_markdown
 from clims_pl.io import pending_pngs
@@ -48,25 +52,38 @@ log = logging.getLogger("clims_pl")
 
 
 class PseudoLabelInputs(Dataset):
-    """Per id: the ImageNet-normalised (image, h-flip) pair (2, 3, H, W) and the CAM file's keys and stride-4 cam."""
+    """Per id: the ImageNet-normalised (image, h-flip) pair (2, 3, H, W), the CAM file's keys and its stride-4 cam,
+    and the image size (H, W).
 
-    def __init__(self, root: str | os.PathLike, ids: list[str], cam_dir: str | os.PathLike) -> None:
-        self.root, self.ids, self.cam_dir = Path(root), ids, Path(cam_dir)
+    With ``scale`` ≠ 1 the image is resized to (round(H·s), round(W·s)) (PIL bicubic, as the multi-scale CAM
+    inference) and the cam bilinearly to that image's stride-4 grid, where the IRN edge map will be.
+    """
+
+    def __init__(self, root: str | os.PathLike, ids: list[str], cam_dir: str | os.PathLike, scale: float = 1.0) -> None:
+        self.root, self.ids, self.cam_dir, self.scale = Path(root), ids, Path(cam_dir), scale
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
-        image = to_tensor(imagenet_normalize(load_image(self.root, image_id)))
+        rgb = load_image(self.root, image_id)
         cams = load_cam(self.cam_dir / f"{image_id}.npz")
-        if cams["high_res"].shape[1:] != image.shape[1:]:
+        if cams["high_res"].shape[1:] != rgb.shape[:2]:
             raise ValueError(f"{self.cam_dir / image_id}.npz: CAM size {cams['high_res'].shape[1:]} is not the image's")
+        cam = torch.from_numpy(cams["cam"])
+        if self.scale != 1.0:
+            size = (round(rgb.shape[0] * self.scale), round(rgb.shape[1] * self.scale))
+            rgb = pil_resize(rgb, size, Image.Resampling.BICUBIC)
+            grid = ((size[0] - 1) // 4 + 1, (size[1] - 1) // 4 + 1)
+            cam = F.interpolate(cam[None], size=grid, mode="bilinear", align_corners=False)[0] if len(cam) else cam
+        image = to_tensor(imagenet_normalize(rgb))
         return {
             "id": image_id,
             "pair": torch.stack([image, image.flip(-1)]),
-            "cam": torch.from_numpy(cams["cam"]),
+            "cam": cam,
             "keys": cams["keys"],
+            "image_size": cams["high_res"].shape[1:],
         }
 
 
@@ -100,6 +117,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     root, out_dir = str(cfg.data.root), Path(stage.out_dir)
     ids = read_split(root, stage.split)
     walk = {k: stage[k] for k in ("radius", "beta", "exp_times")}
+    scale = float(check_number("pseudo.scale", stage.get("scale", 1.0), gt=0))
+    if not (4 / scale).is_integer():
+        raise ValueError(
+            f"pseudo.scale={scale}: the walked maps are upsampled by 4 / scale to the image, which must be a whole "
+            "number: use 1 (the reference), 2 or 4"
+        )
+    stride = int(4 / scale)
     record = {
         "ckpt": identity(cfg.ckpt),
         "cams": identity(stage.cam_dir),
@@ -107,6 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "split": stage.split,
         "net": OmegaConf.to_container(cfg.model.net, resolve=True),
         "bg_threshold": stage.bg_threshold,
+        "scale": scale,
         **walk,
     }
     overwrite = bool(cfg.get("overwrite"))
@@ -123,13 +148,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if work:
         net = load_net(cfg.model.net, cfg.ckpt).to(device)
         loader = DataLoader(
-            PseudoLabelInputs(root, work, stage.cam_dir), batch_size=None, num_workers=int(stage.num_workers)
+            PseudoLabelInputs(root, work, stage.cam_dir, scale), batch_size=None, num_workers=int(stage.num_workers)
         )
         for item in tqdm(loader, desc="pseudo labels", unit="img", dynamic_ncols=True):
             image_id, pair = item["id"], item["pair"].to(device)
             edge, walked = edge_and_walk(net, pair, item["cam"], **walk)
             if image_id in todo:
-                label = walk_to_label(walked, item["keys"], pair.shape[-2:], float(stage.bg_threshold))
+                label = walk_to_label(walked, item["keys"], item["image_size"], float(stage.bg_threshold), stride)
                 save_label_png(out_dir / f"{image_id}.png", label)
             if image_id in diag_todo:
                 walks = diagnostic_walks(item["cam"], edge, ground_truth(root, image_id), **walk)
@@ -143,7 +168,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     markdown = metrics_markdown(result, f"pseudo labels on {stage.eval_split}")
     if diag_ids:
         edges, walks = pseudo_diagnostics(
-            stage.diag_dir, stage.cam_dir, root, diag_ids, names, float(stage.bg_threshold)
+            stage.diag_dir, stage.cam_dir, root, diag_ids, names, float(stage.bg_threshold), stride
         )
         result["diagnostics"] = {**walks, "irn_edge": {"miou": result["miou"]}, "edge_f": edges["f"]}
         markdown += "\n" + walks_markdown(walks, result["miou"])
