@@ -3,8 +3,8 @@
 For each image: the IRN edge map of (image, flip) at full resolution, the stride-4 CAMs of ``cams/<id>.npz``
 walked with the sparse transition matrix (radius 5, β = 10, 2⁸ steps), upsampled, globally normalised and
 thresholded against a background plane of 0.2. With ``pseudo.scale`` ≠ 1 (a toy setting, docs/toy_world.md) the
-edge map is made on the image resized by that factor and the CAMs are resized bilinearly to its stride-4 grid. Labels go to ``<out_dir>/<id>.png`` (atomic, resumable);
-then they are evaluated on the evaluation split like the CAMs (``metrics/pseudo.json``). With ``pseudo.diagnostics``
+edge map is made on the image resized by that factor and the CAMs are resized bilinearly to its stride-4 grid.
+Labels go to ``<out_dir>/<id>.png`` (atomic, resumable); then they are evaluated on the evaluation split like the CAMs (``metrics/pseudo.json``). With ``pseudo.diagnostics``
 the evaluation images also get ``<diag_dir>/<id>.npz`` (boundary map, walked maps, the oracle-edge and no-edge walks)
 and the stage writes the diagnostics of ``clims_pl.refine.diagnostics`` (``metrics/irn_edges.json``, and
 ``diagnostics`` in ``metrics/pseudo.json``).
