@@ -15,6 +15,11 @@ from torch import nn
 from clims_pl.models.cam_net import create_trunk, set_layer4_stride1
 
 
+def stride4_size(length: int) -> int:
+    """ceil(length / 4): the side of IRN's stride-4 grid (edge map, affinity crop, walk) for an image side."""
+    return (length - 1) // 4 + 1
+
+
 def _edge_head(in_channels: int, upsample: int) -> nn.Sequential:
     """1×1 conv (no bias) → GroupNorm(4, 32) → [bilinear ×upsample] → ReLU, as fc_edge1..5."""
     layers: list[nn.Module] = [nn.Conv2d(in_channels, 32, 1, bias=False), nn.GroupNorm(4, 32)]
@@ -81,7 +86,7 @@ class IRNet(nn.Module):
         if self.inference_pad:
             pad_h, pad_w = max(self.inference_pad - height, 0), max(self.inference_pad - width, 0)
             pair = F.pad(pair, (0, pad_w, 0, pad_h))
-        logits = self(pair)[:, 0, : (height - 1) // 4 + 1, : (width - 1) // 4 + 1]
+        logits = self(pair)[:, 0, : stride4_size(height), : stride4_size(width)]
         return torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)
 
     def param_groups(self) -> list[nn.Parameter]:

@@ -34,7 +34,7 @@ from clims_pl.data.voc import load_image, read_split
 from clims_pl.evaluate import display_names, evaluate_label_dir, ground_truth, metrics_markdown
 from clims_pl.io import pending_pngs
 from clims_pl.models.checkpoint import load_net
-from clims_pl.models.irn import IRNet
+from clims_pl.models.irn import IRNet, stride4_size
 from clims_pl.provenance import claim, identity
 from clims_pl.refine.diagnostics import (
     diagnostic_walks,
@@ -75,7 +75,7 @@ class PseudoLabelInputs(Dataset):
         if self.scale != 1.0:
             size = (round(rgb.shape[0] * self.scale), round(rgb.shape[1] * self.scale))
             rgb = pil_resize(rgb, size, Image.Resampling.BICUBIC)
-            grid = ((size[0] - 1) // 4 + 1, (size[1] - 1) // 4 + 1)
+            grid = (stride4_size(size[0]), stride4_size(size[1]))
             cam = F.interpolate(cam[None], size=grid, mode="bilinear", align_corners=False)[0] if len(cam) else cam
         image = to_tensor(imagenet_normalize(rgb))
         return {
