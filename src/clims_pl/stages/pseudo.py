@@ -131,7 +131,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "split": stage.split,
         "net": OmegaConf.to_container(cfg.model.net, resolve=True),
         "bg_threshold": stage.bg_threshold,
-        "scale": scale,
+        # Recorded only when not the reference 1: folders written before the option existed still resume.
+        **({"scale": scale} if scale != 1.0 else {}),
         **walk,
     }
     overwrite = bool(cfg.get("overwrite"))
