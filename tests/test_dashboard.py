@@ -17,6 +17,7 @@ from PIL import Image
 from clims_pl.dashboard import publish
 from clims_pl.data.imageio import save_label_png
 from clims_pl.pipeline import finish_wandb_run
+from clims_pl.prompts.bank import PromptBankError
 
 SHAPES = {"2007_000001": (30, 45), "2007_000002": (36, 24), "2007_000003": (20, 20)}
 SWEEP = {"threshold": [0.1, 0.2, 0.3], "miou": [0.25, 0.5, None]}
@@ -50,6 +51,18 @@ def test_publish_without_a_logger_logs_nothing(tmp_path: Path, compose_cfg) -> N
     root, stage_dir = _stage(tmp_path)
     assert publish("eval_clims", stage_dir, compose_cfg("refine", [f"data.root={root}"])) == []
     assert not (stage_dir / "dashboard").exists()
+
+
+def test_label_panels_of_a_stage_without_cams_do_not_read_the_prompt_bank(tmp_path: Path, compose_cfg) -> None:
+    from clims_pl.dashboard import write_panels
+
+    root, stage_dir = _stage(tmp_path)
+    cfg = compose_cfg("refine", [f"data.root={root}", f"data.prompts={tmp_path / 'missing_bank.yaml'}"])
+    with pytest.raises(PromptBankError, match=r"missing_bank\.yaml.*: no such prompt bank"):
+        write_panels(stage_dir, cfg, 2)  # CAM panels name the classes through the (missing) bank
+    for npz in (stage_dir / "cams").glob("*.npz"):
+        npz.unlink()
+    assert sorted(write_panels(stage_dir, cfg, 2)) == ["figures/cam_sweep", "pseudo/2007_000001", "pseudo/2007_000002"]
 
 
 def test_tensorboard_and_csv_read_back(tmp_path: Path, compose_cfg) -> None:

@@ -90,8 +90,11 @@ def panel_sources(stage_dir: Path, cfg: DictConfig, count: int) -> dict[str, Cal
     out: dict[str, Callable[[], Image.Image]] = {}
     data = cfg.get("data")
     if data is not None and data.get("root") and data.get("classes"):
-        root, names = Path(data.root), display_names(data.classes, data.get("prompts"))
-        for image_id in _panel_ids(stage_dir / "cams", ".npz", root, count):
+        root = Path(data.root)
+        cam_ids = _panel_ids(stage_dir / "cams", ".npz", root, count)
+        # The class names are read from the prompt bank only for a stage with CAMs (label panels need none).
+        names = display_names(data.classes, data.get("prompts")) if cam_ids else []
+        for image_id in cam_ids:
             out[f"cams/{image_id}"] = lambda i=image_id: render_overlay(stage_dir / "cams", root, i, names)
         for folder in ("ir_labels", "pseudo"):
             for image_id in _panel_ids(stage_dir / folder, ".png", root, count):
