@@ -11,9 +11,10 @@ import pytest
 import torch
 from cam_fixtures import write_voc_root
 
+from clims_pl.cams import strided_size
 from clims_pl.data.affinity import AffinityDataModule, affinity_labels
 from clims_pl.data.imageio import save_label_png
-from clims_pl.models.irn import IRNet, stride4_size
+from clims_pl.models.irn import IRNet
 from clims_pl.modules.irn import IRNModule, affinity_loss
 from clims_pl.refine.path_index import PathIndex
 from clims_pl.stages.train import run as train_run
@@ -80,7 +81,7 @@ def test_irnet_frozen_backbone_and_shapes() -> None:
     image = torch.randn(3, 41, 57)
     edge = net.edge_map(torch.stack([image, image.flip(-1)]))
     assert edge.shape == (11, 15) and float(edge.min()) > 0 and float(edge.max()) < 1
-    assert [stride4_size(n) for n in range(1, 13)] == [math.ceil(n / 4) for n in range(1, 13)]
+    assert [strided_size((n, n))[0] for n in range(1, 13)] == [math.ceil(n / 4) for n in range(1, 13)]
 
 
 def test_training_steps_lower_the_affinity_loss() -> None:

@@ -12,12 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clims_pl.cams import strided_size
 from clims_pl.models.cam_net import create_trunk, set_layer4_stride1
-
-
-def stride4_size(length: int) -> int:
-    """ceil(length / 4): the side of IRN's stride-4 grid (edge map, affinity crop, walk) for an image side."""
-    return (length - 1) // 4 + 1
 
 
 def _edge_head(in_channels: int, upsample: int) -> nn.Sequential:
@@ -86,7 +82,8 @@ class IRNet(nn.Module):
         if self.inference_pad:
             pad_h, pad_w = max(self.inference_pad - height, 0), max(self.inference_pad - width, 0)
             pair = F.pad(pair, (0, pad_w, 0, pad_h))
-        logits = self(pair)[:, 0, : stride4_size(height), : stride4_size(width)]
+        grid_h, grid_w = strided_size((height, width))
+        logits = self(pair)[:, 0, :grid_h, :grid_w]
         return torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)
 
     def param_groups(self) -> list[nn.Parameter]:

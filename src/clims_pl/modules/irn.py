@@ -7,8 +7,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from clims_pl.cams import strided_size
 from clims_pl.data.affinity import affinity_labels
-from clims_pl.models.irn import IRNet, stride4_size
+from clims_pl.models.irn import IRNet
 from clims_pl.optim import poly_sgd
 from clims_pl.refine.path_index import PathIndex, edge_to_affinity
 
@@ -55,7 +56,7 @@ class IRNModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net"])
         self.net = net
-        self.grid = stride4_size(crop_size)
+        self.grid = strided_size((crop_size, crop_size))[0]
         self.path_index = PathIndex(radius, (self.grid, self.grid))
         self._indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
 

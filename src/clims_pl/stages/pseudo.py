@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clims_pl.cams import load_cam
+from clims_pl.cams import load_cam, strided_size
 from clims_pl.config import check_number
 from clims_pl.data.imageio import save_label_png
 from clims_pl.data.segmentation import to_tensor
@@ -34,7 +34,7 @@ from clims_pl.data.voc import load_image, read_split
 from clims_pl.evaluate import display_names, evaluate_label_dir, ground_truth, metrics_markdown
 from clims_pl.io import pending_pngs
 from clims_pl.models.checkpoint import load_net
-from clims_pl.models.irn import IRNet, stride4_size
+from clims_pl.models.irn import IRNet
 from clims_pl.provenance import claim, identity
 from clims_pl.refine.diagnostics import (
     diagnostic_walks,
@@ -75,8 +75,8 @@ class PseudoLabelInputs(Dataset):
         if self.scale != 1.0:
             size = (round(rgb.shape[0] * self.scale), round(rgb.shape[1] * self.scale))
             rgb = pil_resize(rgb, size, Image.Resampling.BICUBIC)
-            grid = (stride4_size(size[0]), stride4_size(size[1]))
-            cam = F.interpolate(cam[None], size=grid, mode="bilinear", align_corners=False)[0] if len(cam) else cam
+            if len(cam):
+                cam = F.interpolate(cam[None], size=strided_size(size), mode="bilinear", align_corners=False)[0]
         image = to_tensor(imagenet_normalize(rgb))
         return {
             "id": image_id,
