@@ -44,10 +44,10 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff format .
 
 demo: $(STAMP) ## end-to-end pipeline on the embedded offline toy world
-	$(BIN)/clims-demo $(ARGS)
+	$(BIN)/clims-demo $(DATA_OVERRIDE) $(ARGS)
 
 demo-seeds: $(STAMP) ## make demo for seeds 0, 1, 2 + their mean/sd table runs/toy_demo_seeds/seeds.md (~3x demo)
-	$(BIN)/clims-reproduce -m experiment=toy_demo_seeds $(ARGS)
+	$(BIN)/clims-reproduce -m experiment=toy_demo_seeds $(DATA_OVERRIDE) $(ARGS)
 
 demo-figure: $(STAMP) ## redraw docs/img/demo.png (README) from the finished demo in runs/toy_demo
 	$(BIN)/python -m clims_pl.plots runs/toy_demo docs/img/demo.png

@@ -13,7 +13,7 @@ from conftest import compose_config
 import clims_pl
 from clims_pl import cli
 from clims_pl.config import CONF_DIR
-from clims_pl.pipeline import stages_from_config
+from clims_pl.pipeline import compose_stage, stages_from_config
 from clims_pl.stages import REGISTRY, stage_spec
 
 SRC = Path(clims_pl.__file__).parent
@@ -163,3 +163,17 @@ def test_experiment_stages_name_registry_entries(tmp_path: Path) -> None:
             assert (stage.config, stage.target) == (lambda s: (s.config, s.target))(
                 stage_spec(str(cfg.pipeline.stages[stage.name].get("run") or stage.name))
             )
+
+
+def test_every_pipeline_hands_its_data_root_to_every_stage_that_reads_data(tmp_path: Path) -> None:
+    """``clims-reproduce experiment=<any> data.root=DIR`` reaches every stage with a dataset folder; none keeps its
+    data config's default (experiment=toy_demo once ignored data.root)."""
+    pipelines = [
+        p.stem for p in sorted((CONF_DIR / "experiment").glob("*.yaml")) if cli._is_pipeline_experiment(p.stem)
+    ]
+    for experiment in pipelines:
+        cfg = compose_config("reproduce", tmp_path, [f"experiment={experiment}", f"run_dir={tmp_path}", "data.root=/x"])
+        for stage in stages_from_config(cfg.pipeline):
+            composed = compose_stage(stage, tmp_path / stage.name, tmp_path, [])
+            if "data" in composed and "root" in composed.data:
+                assert composed.data.root == "/x", (experiment, stage.name)

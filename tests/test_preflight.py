@@ -10,12 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 from cam_fixtures import write_voc_dataset
-from conftest import compose_config
+from conftest import TOY_PARAMS, compose_config
 from omegaconf import OmegaConf, open_dict
 
+from clims_pl.data.toy import BACKGROUND_DIR, TOY_META, generate_toy
 from clims_pl.data.voc import read_split
 from clims_pl.pipeline import compose_stage, config_hash, stages_from_config
-from clims_pl.preflight import STEPS_FILE, miniature, split_sizes, subset_root, training_overlay, weights_overlay
+from clims_pl.preflight import (
+    STEPS_FILE,
+    ensure_toy_world,
+    miniature,
+    split_sizes,
+    subset_root,
+    training_overlay,
+    weights_overlay,
+)
 from clims_pl.stages.reproduce import run
 
 #: The real architectures at sizes two CPU cores train in seconds (crops, batches, workers, random-walk pad).
@@ -170,3 +179,36 @@ def test_toy_demo_preflight_trains_the_toy_clip_for_a_few_steps_in_its_own_folde
     assert (small.trainer.max_steps, small.model.optim.warmup_steps) == (2, 1)
     assert (small.toyclip.eval.per_kind, small.toyclip.eval.scenes) == (2, 4)
     assert small.callbacks.preflight_timer._target_ == "clims_pl.preflight.StepTimer"
+
+
+def test_toy_preflight_runs_every_stage_on_its_subset_of_the_toy_world(toy_root: Path, tmp_path: Path) -> None:
+    cfg = compose_config("reproduce", tmp_path, ["experiment=toy_demo", f"data.root={toy_root}"])
+    real = {
+        s.name: compose_stage(s, s.folder(Path(cfg.run_dir)), tmp_path, []) for s in stages_from_config(cfg.pipeline)
+    }
+    subset = subset_root(toy_root, tmp_path / "pre" / "data", 4)
+    ids = read_split(toy_root, "train")[:4] + read_split(toy_root, "val")[:4]
+    # The world's parameters and each image's background map come along (the demo reads them) ...
+    assert (subset / TOY_META).resolve() == toy_root / TOY_META
+    assert sorted(p.stem for p in (subset / BACKGROUND_DIR).iterdir()) == sorted(ids)
+    # ... so a toy stage finds its world there and generates nothing into the subset.
+    before = sorted(p.relative_to(subset) for p in subset.rglob("*"))
+    assert generate_toy(subset, **TOY_PARAMS, progress=False) == subset
+    assert sorted(p.relative_to(subset) for p in subset.rglob("*")) == before
+    assert read_split(subset, "train_aug") == read_split(toy_root, "train")[:4]
+    mini, _ = miniature(cfg, real, tmp_path / "pre", subset)
+    reading = [s for s in stages_from_config(mini.pipeline) if "data" in real[s.name] and "root" in real[s.name].data]
+    assert {s.name for s in reading} == set(real) - {"toyclip", "report"}
+    for stage in reading:
+        assert compose_stage(stage, tmp_path / "pre" / stage.name, tmp_path, []).data.root == str(subset), stage.name
+
+
+def test_ensure_toy_world_generates_the_world_a_toy_stage_would_read(tmp_path: Path) -> None:
+    root = tmp_path / "toy"
+    elsewhere = OmegaConf.create({"data": {"root": str(tmp_path / "other"), "toy": TOY_PARAMS}})
+    no_toy = OmegaConf.create({"data": {"root": str(root), "toy": None}})
+    ensure_toy_world(root, {"a": elsewhere, "b": no_toy, "c": OmegaConf.create({"report": {}})})
+    assert not root.exists() and not (tmp_path / "other").exists()
+    reads = OmegaConf.create({"data": {"root": str(root), "toy": {**TOY_PARAMS, "n_val": 4}}})
+    ensure_toy_world(root, {"a": elsewhere, "b": reads})
+    assert len(read_split(root, "val")) == 4 and not (tmp_path / "other").exists()

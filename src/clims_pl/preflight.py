@@ -38,6 +38,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from clims_pl.data.toy import BACKGROUND_DIR, TOY_META, generate_toy
 from clims_pl.data.voc import VOC_CLASSES, read_split, validate_voc_root
 from clims_pl.io import atomic_write_json, atomic_write_text
 from clims_pl.pipeline import Stage, compose_stage, console, default_wandb_group, run, stages_from_config
@@ -163,6 +164,8 @@ def subset_root(source: str | Path, parent: Path, images: int) -> Path:
     Its train_aug (SegmentationClassAug ∪ train − val) is then exactly those train ids, so train ⊂ train_aug as on
     VOC, and every stage reads its splits unchanged. The folder name hashes the source and the chosen ids: another
     root, count or split list gives another ``data.root``, hence other stage configs; older folders are removed.
+    A toy world's ``toy.json`` and background maps come along: its stages check the world's generation parameters
+    there (instead of generating a world into the subset) and the demo reads each image's backgrounds.
     """
     source = validate_voc_root(source, need_aug=True).resolve()
     ids = {split: read_split(source, split)[:images] for split in ("train", "val")}
@@ -182,17 +185,32 @@ def subset_root(source: str | Path, parent: Path, images: int) -> Path:
         ("Annotations", ".xml"),
         ("SegmentationClass", ".png"),
         ("SegmentationClassAug", ".png"),
+        (BACKGROUND_DIR, ".png"),
     ):
+        if not (source / folder).is_dir():
+            continue
         (tmp / folder).mkdir(parents=True)
         for image_id in ids["train"] + ids["val"]:
             if (source / folder / f"{image_id}{suffix}").is_file():
                 (tmp / folder / f"{image_id}{suffix}").symlink_to(source / folder / f"{image_id}{suffix}")
+    if (source / TOY_META).is_file():
+        (tmp / TOY_META).symlink_to(source / TOY_META)
     lists = tmp / "ImageSets" / "Segmentation"
     lists.mkdir(parents=True)
     for split, chosen in ids.items():
         (lists / f"{split}.txt").write_text("".join(f"{i}\n" for i in chosen))
     tmp.rename(dest)
     return dest
+
+
+def ensure_toy_world(root: str | Path, real: dict[str, DictConfig]) -> None:
+    """Generate the toy world into ``root`` when a stage reads it from there with toy generation options: a toy
+    experiment's stages would generate it on first use, and the preflight takes its subset before any stage runs."""
+    for stage_cfg in real.values():
+        data = stage_cfg.get("data")
+        if data is not None and data.get("toy") is not None and Path(str(data.root)) == Path(str(root)):
+            generate_toy(root, **OmegaConf.to_container(data.toy, resolve=True))
+            return
 
 
 def training_overlay(real: DictConfig, images: int, steps: int) -> dict[str, Any]:
@@ -426,6 +444,7 @@ def run_preflight(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         s.name: compose_stage(s, s.folder(real_dir), root_dir, common)
         for s in stages_from_config(cfg.pipeline, default_wandb_group(cfg))
     }
+    ensure_toy_world(cfg.data.root, real)
     mini, said = miniature(cfg, real, run_dir, subset_root(cfg.data.root, run_dir / "data", images))
     for name in real:
         shutil.rmtree(run_dir / name, ignore_errors=True)

@@ -70,6 +70,8 @@ NEUTRAL_RGB: tuple[int, int, int] = (124, 116, 104)
 TOY_VERSION = 4  # bumped whenever rendering changes, so an older world on disk is refused (docs/toy_world.md)
 #: Per-pixel background index (into TOY_BACKGROUNDS) of train and val images, as grayscale PNGs.
 BACKGROUND_DIR = "ToyBackground"
+#: The world's generation parameters and per-image backgrounds, at the top of its root.
+TOY_META = "toy.json"
 
 P_COOCCUR = 0.9  # a class's image shows its co-occurring background
 P_TWO_CLASSES = 0.25  # an image holds two distinct classes (else one)
@@ -547,7 +549,7 @@ def toy_params(
 
 def read_toy_meta(root: str | os.PathLike) -> dict | None:
     """Contents of ``<root>/toy.json`` (None when absent)."""
-    path = Path(root) / "toy.json"
+    path = Path(root) / TOY_META
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -636,7 +638,7 @@ def _write_world(out: Path, params: dict[str, int], progress: bool) -> None:
         "cooccurring": TOY_COOCCURRING,
         "backgrounds": backgrounds,
     }
-    (out / "toy.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    (out / TOY_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def _palette_png(mask: np.ndarray) -> bytes:
