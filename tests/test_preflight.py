@@ -18,6 +18,7 @@ from clims_pl.data.voc import read_split
 from clims_pl.pipeline import compose_stage, config_hash, stages_from_config
 from clims_pl.preflight import (
     STEPS_FILE,
+    dataset_classes,
     ensure_toy_world,
     miniature,
     split_sizes,
@@ -186,6 +187,8 @@ def test_toy_preflight_runs_every_stage_on_its_subset_of_the_toy_world(toy_root:
     real = {
         s.name: compose_stage(s, s.folder(Path(cfg.run_dir)), tmp_path, []) for s in stages_from_config(cfg.pipeline)
     }
+    # The table's split sizes need the class list: the first stage (the toy CLIP) has data without one.
+    assert "classes" not in real["toyclip"].data and dataset_classes(real) == ["aeroplane", "boat", "cow", "train"]
     subset = subset_root(toy_root, tmp_path / "pre" / "data", 4)
     ids = read_split(toy_root, "train")[:4] + read_split(toy_root, "val")[:4]
     # The world's parameters and each image's background map come along (the demo reads them) ...

@@ -203,6 +203,11 @@ def subset_root(source: str | Path, parent: Path, images: int) -> Path:
     return dest
 
 
+def dataset_classes(real: dict[str, DictConfig]) -> list[str] | None:
+    """The run's class list: that of the first stage whose data config names one (the toy CLIP's renders name none)."""
+    return next((list(c.data.classes) for c in real.values() if "data" in c and "classes" in c.data), None)
+
+
 def ensure_toy_world(root: str | Path, real: dict[str, DictConfig]) -> None:
     """Generate the toy world into ``root`` when a stage reads it from there with toy generation options: a toy
     experiment's stages would generate it on first use, and the preflight takes its subset before any stage runs."""
@@ -453,8 +458,7 @@ def run_preflight(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     meter = StageMeter()
     manifests = run(mini, probe=meter)
 
-    first_data = next((c.data for c in real.values() if "data" in c), None)
-    sizes = split_sizes(cfg.data.root, list(first_data.classes) if first_data is not None else None)
+    sizes = split_sizes(cfg.data.root, dataset_classes(real))
     rows = []
     for stage in stages_from_config(mini.pipeline, default_wandb_group(mini)):
         mini_cfg = compose_stage(stage, stage.folder(run_dir), root_dir, common)
