@@ -13,6 +13,7 @@ from clims_pl.data import toy
 from clims_pl.data.cli import main
 from clims_pl.data.toy import (
     NEUTRAL_RGB,
+    P_COOCCUR,
     TOY_BACKGROUNDS,
     TOY_CLASSES,
     TOY_COOCCURRING,
@@ -94,7 +95,7 @@ def test_cooccurring_background_rate(tmp_path: Path) -> None:
     for c, name in enumerate(TOY_CLASSES):
         with_class = [image_id for image_id, row in zip(ids, labels, strict=True) if row[c]]
         rate = np.mean([TOY_COOCCURRING[name] in meta["backgrounds"][i] for i in with_class])
-        assert len(with_class) >= 40 and 0.8 <= rate < 0.98, (name, rate)
+        assert len(with_class) >= 40 and abs(rate - P_COOCCUR) < 0.1, (name, rate)
     neutral = np.mean([bool(set(meta["backgrounds"][i]) & set(TOY_NEUTRAL)) for i in ids])
     assert 0.1 < neutral < 0.5
     assert max(len(meta["backgrounds"][i]) for i in ids) == 2
