@@ -313,7 +313,10 @@ def _seed_job(sweep: Path, seed: int, results: dict | None) -> None:
 def test_seed_table_mean_and_sd_by_hand(tmp_path: Path) -> None:
     base = {"baseline_miou": 30.0, "all_background_miou": 17.0, "baseline_cobg_fa": 40.0, "clims_cobg_fa": 2.0}
     _seed_job(tmp_path, 0, {**base, "clims_miou": 70.0, "pseudo_miou": 74.0, "seg_val_miou": 70.0})
-    _seed_job(tmp_path, 1, {**base, "clims_miou": 72.0, "pseudo_miou": 80.0, "seg_val_miou": 78.0})
+    context = {"with_cobg": 90.0, "without_cobg": 40.0, "per_class": {}}
+    _seed_job(
+        tmp_path, 1, {**base, "clims_miou": 72.0, "pseudo_miou": 80.0, "seg_val_miou": 78.0, "seg_context": context}
+    )
     _seed_job(tmp_path, 2, None)  # killed before its demo stage: listed, not averaged
     out = seed_table(tmp_path)
     assert [r["seed"] for r in out["rows"]] == ["0", "1", "2"]
@@ -322,6 +325,8 @@ def test_seed_table_mean_and_sd_by_hand(tmp_path: Path) -> None:
     assert out["sd"]["pseudo − CLIMS"] == pytest.approx(8**0.5)  # sd of (4, 8)
     assert out["mean"]["DeepLab − pseudo"] == pytest.approx(-3.0)
     assert out["sd"]["baseline_miou"] == 0.0 and math.isnan(out["mean"]["seg_val_crf_miou"])
+    # Nested numbers (the demo's DeepLab context row) are read by their dotted key; a seed without them is NaN.
+    assert out["rows"][1]["seg_context.without_cobg"] == 40.0 and math.isnan(out["rows"][0]["seg_context.with_cobg"])
     md = (tmp_path / "seeds.md").read_text()
     assert "over 2 seeds" in md and "| 2 (demo not finished) |" in md and "| **mean** | 30.0 | 71.0 | 77.0 |" in md
     assert list(csv.DictReader((tmp_path / "seeds.csv").open()))[-1]["seed"] == "sd"

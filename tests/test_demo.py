@@ -11,7 +11,7 @@ from conftest import TOY_PARAMS, compose_config
 from omegaconf import open_dict
 
 from clims_pl.pipeline import run
-from clims_pl.stages.demo import cobg_counts
+from clims_pl.stages.demo import cobg_counts, context_counts
 
 
 def test_cobg_counts_by_hand() -> None:
@@ -25,6 +25,21 @@ def test_cobg_counts_by_hand() -> None:
     np.testing.assert_array_equal(counts, [[2, 3], [1, 5]])
     # A class absent from the image counts nothing, whatever the prediction says.
     np.testing.assert_array_equal(cobg_counts(pred, np.where(gt == 2, 0, gt), bg, [5, 7])[1], [0, 0])
+
+
+def test_context_counts_by_hand() -> None:
+    # Class 0 (label 1) lives on texture 5, class 1 (label 2) on texture 7.
+    gt = np.array([[1, 1, 0, 0], [1, 255, 0, 2], [0, 0, 2, 2]])
+    bg = np.array([[7, 7, 7, 7], [7, 7, 7, 5], [7, 7, 5, 5]])
+    pred = np.array([[1, 2, 0, 0], [2, 1, 0, 2], [0, 0, 0, 1]])
+    counts = context_counts(pred, gt, bg, cobg=[5, 7])
+    # Class 0: the visible background (gt == 0) is all texture 7, so its 3 object pixels (255 is not one) count
+    # under "not shown"; 1 of them is predicted 1. Texture 5 under class 1's object does not count as shown.
+    np.testing.assert_array_equal(counts[0], [[0, 0], [1, 3]])
+    # Class 1: texture 7 is visible, so "shown"; of its 3 pixels (1,3) is predicted 2.
+    np.testing.assert_array_equal(counts[1], [[1, 3], [0, 0]])
+    # Without class 1 in the ground truth, nothing is counted for it.
+    np.testing.assert_array_equal(context_counts(pred, np.where(gt == 2, 0, gt), bg, [5, 7])[1], [[0, 0], [0, 0]])
 
 
 def _tiny(stage: str) -> list[str]:
@@ -81,6 +96,9 @@ def test_toy_demo_pipeline_at_ci_size(tmp_path: Path) -> None:
     # The refinement stages connect: their mIoUs reach the table (values are meaningless at 2 steps).
     assert results["pseudo_miou"] is not None and results["seg_val_miou"] is not None
     assert results["seg_val_crf_miou"] is not None and 0.0 < results["all_background_miou"] < 100.0
+    # The DeepLab context row reads every kept val prediction.
+    val_ids = (Path(cfg.paths.data_dir) / "toy" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    assert results["seg_context"]["images"] == len(val_ids) > 0
     # ... and so do their diagnostics, with the files they were read from and the refinement overlays.
     for stage, file in (("ir_labels", "ir_labels"), ("pseudo", "irn_edges"), ("pseudo", "pseudo")):
         assert (Path(cfg.run_dir) / stage / "metrics" / f"{file}.md").is_file()

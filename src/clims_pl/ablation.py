@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from clims_pl.io import atomic_write_text
 from clims_pl.pipeline import Stage, finish_wandb_run, read_manifest
 from clims_pl.plots import SWEEP_PNG, figures_markdown, sweep_figure
-from clims_pl.tables import csv_text, fmt, markdown_table
+from clims_pl.tables import csv_text, dotted, fmt, markdown_table
 
 TABLE_MD = "ablation.md"
 TABLE_CSV = "ablation.csv"
@@ -47,6 +47,8 @@ SEED_COLUMNS = {
     "all_background_miou": "all background",
     "baseline_cobg_fa": "baseline co-bg FA",
     "clims_cobg_fa": "CLIMS co-bg FA",
+    "seg_context.with_cobg": "DeepLab obj. acc., co-bg shown",
+    "seg_context.without_cobg": "DeepLab obj. acc., co-bg not shown",
 }
 #: Differences the demo's targets are stated in: (title, minuend key, subtrahend key).
 SEED_GAPS = (("pseudo − CLIMS", "pseudo_miou", "clims_miou"), ("DeepLab − pseudo", "seg_val_miou", "pseudo_miou"))
@@ -254,7 +256,7 @@ def seed_row(job: Job, demo_stage: str) -> dict[str, Any]:
     path = _stage_dir(job.config, demo_stage) / "demo_results.json" if job.config is not None else None
     results = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     row: dict[str, Any] = {"seed": job.overrides.get("seed", "—")}
-    row.update({key: float(results.get(key) if results.get(key) is not None else math.nan) for key in SEED_COLUMNS})
+    row.update({key: float(v) if (v := dotted(results, key)) is not None else math.nan for key in SEED_COLUMNS})
     row.update({title: row[a] - row[b] for title, a, b in SEED_GAPS})
     return {**row, "status": "ok" if results else f"{demo_stage} not finished"}
 

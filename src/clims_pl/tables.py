@@ -36,3 +36,11 @@ def fmt(value: Any, digits: int = 1) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def dotted(record: Mapping[str, Any], key: str) -> Any:
+    """``record[a][b]`` for the key ``"a.b"`` (results files nest their numbers); None where a part is missing."""
+    value: Any = record
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value

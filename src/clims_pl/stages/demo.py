@@ -10,7 +10,9 @@ Two numbers per method, both read from files the pipeline wrote:
 
 Then the refinement chain, also from the stages' files: pseudo-label and DeepLab mIoU beside the score of predicting
 background everywhere, and the diagnostics of ``clims_pl.refine.diagnostics`` (IR-label precision, IRN boundary F,
-the walk with oracle / no edges), with refinement overlay panels in ``overlays/refinement``.
+the walk with oracle / no edges), with refinement overlay panels in ``overlays/refinement``. Last, the same
+shortcut one level down: how often DeepLab gives an object its own class when the image shows (or lacks) the class's
+co-occurring background, from the val predictions the DeepLab evaluation kept (``seg_eval.save_val``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from clims_pl.metrics import cam_prediction, miou_from_confusion, segmentation_c
 from clims_pl.pipeline import read_manifest
 from clims_pl.plots import DEMO_PNG, demo_figure_of_run
 from clims_pl.runtime import prepare_run
-from clims_pl.tables import markdown_table
+from clims_pl.stages.seg_eval import VAL_SUBDIR
+from clims_pl.tables import dotted, markdown_table
 from clims_pl.viz import write_overlays, write_refinement_overlays
 
 
@@ -51,21 +54,67 @@ def cobg_counts(pred: np.ndarray, gt: np.ndarray, background: np.ndarray, cobg: 
     return counts
 
 
+def _cooccurring(root: str | os.PathLike) -> tuple[list[str], list[int]]:
+    """The toy world's class names and, per class, the index of its co-occurring background texture."""
+    meta = read_toy_meta(root)
+    if meta is None:
+        raise ValueError(f"{root} is not a toy world (no toy.json): the co-occurring-background figures need one")
+    classes = meta["classes"]
+    return classes, [TOY_BACKGROUNDS.index(meta["cooccurring"][c]) for c in classes]
+
+
+def _background_map(root: str | os.PathLike, image_id: str) -> np.ndarray:
+    return np.asarray(Image.open(Path(root) / BACKGROUND_DIR / f"{image_id}.png"))
+
+
+def context_counts(pred: np.ndarray, gt: np.ndarray, background: np.ndarray, cobg: Sequence[int]) -> np.ndarray:
+    """(C, 2, 2) object-pixel counts of one image: [co-occurring background shown, not shown] × [correct, total].
+
+    For each class c present in ``gt``: total = its object pixels, correct = those predicted as c; they are filed
+    under "shown" when the image's visible background (``gt == 0``) has any pixel of c's co-occurring background
+    ``cobg[c]``. A segmenter that tells a class by its usual surroundings is right on the first and wrong on the
+    second (a cow on railroad called train): the DeepLab-level form of the co-occurrence shortcut.
+    """
+    counts = np.zeros((len(cobg), 2, 2), dtype=np.int64)
+    present = {int(v) - 1 for v in np.unique(gt) if 0 < v <= len(cobg)}
+    for c in present:
+        obj = gt == c + 1
+        shown = bool(((gt == 0) & (background == cobg[c])).any())
+        counts[c, 0 if shown else 1] = ((pred == c + 1) & obj).sum(), obj.sum()
+    return counts
+
+
+def seg_context_accuracy(pred_dir: str | os.PathLike, root: str | os.PathLike, ids: Sequence[str]) -> dict[str, Any]:
+    """Percent of object pixels a segmenter gives their own class, with and without the class's co-occurring
+    background in the image, per class and averaged over classes; over the ``ids`` with a prediction PNG in
+    ``pred_dir`` (``images`` says how many)."""
+    classes, cobg = _cooccurring(root)
+    counts = np.zeros((len(classes), 2, 2), dtype=np.int64)
+    found = [i for i in ids if (Path(pred_dir) / f"{i}.png").is_file()]
+    for image_id in found:
+        pred = np.asarray(Image.open(Path(pred_dir) / f"{image_id}.png"))
+        counts += context_counts(pred, load_mask(root, image_id), _background_map(root, image_id), cobg)
+    result: dict[str, Any] = {"images": len(found), "per_class": {}}
+    for k, key in enumerate(("with_cobg", "without_cobg")):
+        per_class = {
+            c: (float(100.0 * n[k, 0] / n[k, 1]) if n[k, 1] else None) for c, n in zip(classes, counts, strict=True)
+        }
+        valid = [v for v in per_class.values() if v is not None]
+        result[key] = float(np.mean(valid)) if valid else None
+        result["per_class"][key] = per_class
+    return result
+
+
 def cobg_false_activation(
     cam_dir: str | os.PathLike, root: str | os.PathLike, ids: Sequence[str], threshold: float
 ) -> dict[str, Any]:
     """Per-class and mean (over classes with any such pixels) false-activation rate in percent."""
-    meta = read_toy_meta(root)
-    if meta is None:
-        raise ValueError(f"{root} is not a toy world (no toy.json): the co-occurring-background rate needs one")
-    classes = meta["classes"]
-    cobg = [TOY_BACKGROUNDS.index(meta["cooccurring"][c]) for c in classes]
+    classes, cobg = _cooccurring(root)
     counts = np.zeros((len(classes), 2), dtype=np.int64)
     for image_id in ids:
         cams = load_cam(Path(cam_dir) / f"{image_id}.npz")
         pred = cam_prediction(cams["high_res"], cams["keys"], threshold)
-        background = np.asarray(Image.open(Path(root) / BACKGROUND_DIR / f"{image_id}.png"))
-        counts += cobg_counts(pred, load_mask(root, image_id), background, cobg)
+        counts += cobg_counts(pred, load_mask(root, image_id), _background_map(root, image_id), cobg)
     per_class = {
         c: (100.0 * claimed / total if total else None) for c, (claimed, total) in zip(classes, counts, strict=True)
     }
@@ -108,9 +157,7 @@ def _read_metrics(run_dir: Path, stage: str | None, file: str) -> dict[str, Any]
 
 def _stage_miou(run_dir: Path, stage: str | None, file: str, key: str = "miou") -> float | None:
     """mIoU (percent) at ``key`` (dotted path) of ``<run_dir>/<stage>/metrics/<file>``; None if not run."""
-    value: Any = _read_metrics(run_dir, stage, file)
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
+    value = dotted(_read_metrics(run_dir, stage, file), key)
     return None if value is None else 100.0 * value
 
 
@@ -118,6 +165,14 @@ def all_background_miou(root: str | os.PathLike, ids: Sequence[str], num_classes
     """mIoU (percent) of predicting background everywhere on ``ids``: the floor every stage must clear."""
     gts = [load_mask(root, i) for i in ids]
     return 100.0 * miou_from_confusion(segmentation_confusion((np.zeros_like(g) for g in gts), gts, num_classes))[0]
+
+
+def _seg_context(run_dir: Path, seg_stage: str | None, root: Path, val_ids: list[str]) -> dict[str, Any] | None:
+    """:func:`seg_context_accuracy` of the val predictions the DeepLab evaluation stage kept (None: none kept)."""
+    pred_dir = run_dir / seg_stage / VAL_SUBDIR / "plain" if seg_stage else None
+    if pred_dir is None or not pred_dir.is_dir():
+        return None
+    return seg_context_accuracy(pred_dir, root, val_ids)
 
 
 def refinement_diagnostics(run_dir: Path, ir_stage: str | None, pseudo_stage: str | None) -> dict[str, Any]:
@@ -173,6 +228,15 @@ def refinement_table(results: dict[str, Any]) -> str:
         ("walk with oracle edges mIoU", _pct(d["walk_oracle_edge_miou"])),
         ("DeepLab val mIoU / + dense CRF", f"{_pct(results['seg_val_miou'])} / {_pct(results['seg_val_crf_miou'])}"),
     ]
+    context = results.get("seg_context")
+    if context:
+        rows.append(
+            (
+                f"DeepLab val: object pixels given their class, co-occurring bg in the image / not (%, "
+                f"{context['images']} images)",
+                f"{_pct(context['with_cobg'])} / {_pct(context['without_cobg'])}",
+            )
+        )
     return "\n".join(markdown_table(["refinement", "value"], rows))
 
 
@@ -201,6 +265,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seg_val_miou": _stage_miou(run_dir, d.get("seg_stage"), "seg_val.json", "plain.miou"),
         "seg_val_crf_miou": _stage_miou(run_dir, d.get("seg_stage"), "seg_val.json", "crf.miou"),
         "all_background_miou": all_background_miou(root, ids, len(cfg.data.classes) + 1),
+        "seg_context": _seg_context(run_dir, d.get("seg_stage"), root, read_split(root, cfg.data.val_split)),
         "diagnostics": refinement_diagnostics(run_dir, d.get("ir_labels_stage"), d.get("pseudo_stage")),
         "wall_s": round(wall, 1),
         "run_dir": str(run_dir),
