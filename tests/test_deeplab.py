@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from clims_pl.dashboard import publish
 from clims_pl.data.imageio import VOC_PALETTE, read_label_png, save_label_png
+from clims_pl.data.segmentation import SegDataModule, paste_foreground
 from clims_pl.metrics import deeplab_scores, pair_confusion
 from clims_pl.models.deeplab import DeepLabV2
 from clims_pl.modules.seg import SegModule, balanced_cross_entropy, resize_labels
@@ -246,3 +247,41 @@ def test_caffe_trunk_refuses_imagenet_normalised_data_and_hub_weights() -> None:
         DeepLabV2("resnet101", pretrained=True, trunk="caffe")
     with pytest.raises(ValueError, match=r"trunk=caffe needs a bottleneck ResNet"):
         DeepLabV2("resnet18", pretrained=False, trunk="caffe")
+
+
+def test_paste_foreground_by_hand() -> None:
+    images = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    labels = torch.tensor([[[0, 1], [255, 0]], [[2, 0], [0, 255]]])
+    pasted, new = paste_foreground(images, labels, p=1.0)
+    # With two crops each is the other's donor: its foreground (not background, not 255) lands at the same place.
+    assert new.tolist() == [[[2, 1], [255, 0]], [[2, 1], [0, 255]]]
+    expected = images.clone()
+    expected[0, :, 0, 0], expected[1, :, 0, 1] = images[1, :, 0, 0], images[0, :, 0, 1]
+    assert torch.equal(pasted, expected)
+    assert paste_foreground(images, labels, p=0.0)[1] is labels and paste_foreground(images[:1], labels[:1], 1.0)[
+        1
+    ].equal(labels[:1])
+    # Never a crop's own foreground: with three crops whose foregrounds sit apart, each gets exactly one other's.
+    labels3 = torch.zeros(3, 1, 3, dtype=torch.long)
+    for i in range(3):
+        labels3[i, 0, i] = i + 1
+    for seed in range(10):
+        torch.manual_seed(seed)
+        got = paste_foreground(torch.zeros(3, 3, 1, 3), labels3, p=1.0)[1]
+        for i in range(3):
+            assert got[i, 0, i] == i + 1 and (got[i] > 0).sum() == 2
+
+
+def test_copy_paste_only_on_training_batches(tmp_path: Path) -> None:
+    dm = SegDataModule(tmp_path, tmp_path, ["a"], batch_size=2, num_workers=0, copy_paste=1.0)
+    batch = {"image": torch.zeros(2, 3, 1, 2), "label": torch.tensor([[[1, 0]], [[0, 0]]])}
+
+    class _Trainer:
+        training = False
+
+    dm.trainer = _Trainer()  # type: ignore[assignment]
+    assert dm.on_after_batch_transfer(dict(batch), 0)["label"].tolist() == [[[1, 0]], [[0, 0]]]
+    dm.trainer.training = True
+    assert dm.on_after_batch_transfer(dict(batch), 0)["label"].tolist() == [[[1, 0]], [[1, 0]]]
+    with pytest.raises(ValueError, match=r"data\.copy_paste"):
+        SegDataModule(tmp_path, tmp_path, ["a"], copy_paste=1.5)

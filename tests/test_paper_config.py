@@ -141,6 +141,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "trainer.max_steps": 30000,
         "data.scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0],
         "data.flip": True,
+        "data.copy_paste": 0.0,  # the toy's copy-paste is not the reference's
         "model.loss": "balanced",
         "model.ignore_index": 255,
         "model.optim.lr": 2.5e-4,
