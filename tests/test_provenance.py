@@ -7,6 +7,8 @@ The pipeline test is issue 14's probe: toy_cam (2 steps) → its CAMs → eval, 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from conftest import compose_config
 from omegaconf import OmegaConf, open_dict
 from test_demo import _tiny
 
+from clims_pl import provenance
+from clims_pl.io import atomic_write_json
 from clims_pl.pipeline import run
 from clims_pl.provenance import RECORD, ProvenanceError, claim, identity
 
@@ -39,6 +43,32 @@ def test_claim_keeps_same_record_clears_or_refuses_another(tmp_path: Path) -> No
     (legacy / "2.png").write_text("?")
     with pytest.raises(ProvenanceError, match="unknown inputs"):
         claim(legacy, {"ckpt": "b"}, what="labels", owned=("*.png",))
+
+
+def test_other_ranks_wait_for_rank_zero_to_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks started together (srun): a rank other than 0 must not list outputs rank 0 is about to delete."""
+    atomic_write_json(tmp_path / RECORD, {"ckpt": "old"})
+    (tmp_path / "a.npz").write_text("old CAM")
+    monkeypatch.setattr(provenance.rank_zero_only, "rank", 1)
+
+    def rank_zero() -> None:  # clears, then writes the new record, as claim does on rank 0
+        time.sleep(0.5)
+        (tmp_path / "a.npz").unlink()
+        atomic_write_json(tmp_path / RECORD, {"ckpt": "new"})
+
+    thread = threading.Thread(target=rank_zero)
+    start = time.monotonic()
+    thread.start()
+    assert claim(tmp_path, {"ckpt": "new"}, what="CAMs", overwrite=True) is False
+    thread.join()
+    assert time.monotonic() - start >= 0.5 and not (tmp_path / "a.npz").exists()
+    # Same record: nothing to wait for (a resume keeps the outputs on every rank).
+    (tmp_path / "a.npz").write_text("new CAM")
+    assert claim(tmp_path, {"ckpt": "new"}, what="CAMs") is True
+    # Rank 0 never claims (it failed): a clear error after the wait instead of a hang.
+    monkeypatch.setattr(provenance, "RANK_WAIT_S", 0.3)
+    with pytest.raises(ProvenanceError, match="rank 0 did not claim"):
+        claim(tmp_path, {"ckpt": "other"}, what="CAMs")
 
 
 def test_identity_is_content_for_files_and_record_for_folders(tmp_path: Path) -> None:

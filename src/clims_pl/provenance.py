@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,22 @@ def read_record(folder: Path, name: str = RECORD) -> dict[str, Any] | None:
         return None
 
 
+#: How long a DDP rank other than 0 waits for rank 0 to claim a folder (seconds).
+RANK_WAIT_S = 600.0
+
+
+def _wait_for_record(folder: Path, name: str, record: Mapping[str, Any]) -> None:
+    """Block until rank 0 has written ``record`` to ``folder/name`` (it does so after clearing the folder)."""
+    deadline = time.monotonic() + RANK_WAIT_S
+    while read_record(folder, name) != record:
+        if time.monotonic() > deadline:
+            raise ProvenanceError(
+                f"rank {rank_zero_only.rank}: rank 0 did not claim {folder} within {RANK_WAIT_S:.0f} s "
+                "(it writes provenance there once earlier outputs are cleared); see rank 0's log for its error"
+            )
+        time.sleep(0.2)
+
+
 def claim(
     folder: str | Path,
     record: Mapping[str, Any],
@@ -108,7 +125,12 @@ def claim(
     old = read_record(folder, name)
     existing = [p for pattern in owned for p in folder.glob(pattern) if p != folder / name]
     if rank_zero_only.rank != 0:  # DDP: rank 0 clears; the others only need its verdict
-        return bool(existing) and old == record and not fresh
+        if old != record:
+            # Ranks started together (srun, torchrun) must not look at the outputs before rank 0 has cleared
+            # them: a rank listing CAMs that rank 0 is about to delete would skip them.
+            _wait_for_record(folder, name, record)
+            return False
+        return bool(existing) and not fresh
     if existing and old == record and not fresh:
         return True
     if existing:
