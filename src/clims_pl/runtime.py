@@ -41,6 +41,8 @@ def prepare_run(cfg: DictConfig) -> Path:
     apply_runtime(cfg)
     # FixedBN keeps BatchNorm layers in eval mode on purpose (docs/reference.md#resnet-50-with-fixedbn); Lightning's warning about it misleads.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # Lightning's own use of a torch API it deprecated (pytorch/utilities/_pytree.py); nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     return out
