@@ -66,8 +66,9 @@ TOY_PATTERNS: dict[str, str] = {
 }
 #: ImageNet mean colour: 0 after normalisation, the colour of CLIMS's masked-out pixels.
 NEUTRAL_RGB: tuple[int, int, int] = (124, 116, 104)
-#: Bump when the rendering changes, so an old world on disk is not silently reused.
-TOY_VERSION = 5  # bumped whenever the rendering or the sampling of scenes changes, so an older world on disk is refused (docs/toy_world.md)
+#: Bumped whenever the rendering or the sampling of scenes changes, so an older world on disk is refused, never
+#: silently reused (docs/toy_world.md).
+TOY_VERSION = 5
 #: Per-pixel background index (into TOY_BACKGROUNDS) of train and val images, as grayscale PNGs.
 BACKGROUND_DIR = "ToyBackground"
 #: The world's generation parameters and per-image backgrounds, at the top of its root.
